@@ -1,0 +1,47 @@
+# One target directory, one profile (dev, with optimised dependencies), one
+# feature set: tests and the server binary share every compiled host crate.
+MODEL_DIR := models/smollm2
+MODEL_FILE := SmolLM2-135M-Instruct.Q4_1.gguf
+PORT ?= 1234
+KV_CACHE ?= omnikv
+KV_CACHE_CONFIG ?= configs/example.json
+CARGO ?= cargo
+
+.PHONY: prepare build serve test test-unit fixtures patches-check fmt
+
+## Extract and patch the pinned host crates, fetch the model.
+prepare:
+	scripts/prepare-host.sh
+	scripts/fetch-model.sh
+
+## Build the patched `mistralrs` binary (target/debug/mistralrs).
+build: prepare
+	$(CARGO) build -p mistralrs-cli
+
+## Serve the real model on 127.0.0.1:$(PORT) (A/B: make serve KV_CACHE=default).
+serve: build
+	@echo
+	@echo "Serving $(MODEL_FILE) with --kv-cache $(KV_CACHE) on 127.0.0.1:$(PORT). Try:"
+	@echo "  curl -s http://127.0.0.1:$(PORT)/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"model\":\"default\",\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of Japan?\"}],\"temperature\":0,\"max_tokens\":48}'"
+	@echo
+	target/debug/mistralrs serve --host 127.0.0.1 -p $(PORT) \
+	  --kv-cache $(KV_CACHE) $(if $(filter default,$(KV_CACHE)),,--kv-cache-config $(KV_CACHE_CONFIG)) \
+	  --format gguf -m $(MODEL_DIR) -f $(MODEL_FILE)
+
+## Every test: unit tests, real-model logits fixtures, CLI errors, and the
+## end-to-end HTTP tests against stock mistral.rs outputs.
+test: build
+	$(CARGO) test -p omnikv-backend -p integration-tests
+
+## Unit tests only (no server, no model download).
+test-unit:
+	scripts/prepare-host.sh
+	$(CARGO) test -p omnikv-backend
+
+## Rewrite the tiny Llama fixtures (needs torch, transformers, gguf).
+fixtures:
+	python3 scripts/make_tiny_llama_fixtures.py
+
+fmt:
+	$(CARGO) fmt -p omnikv-backend -p integration-tests

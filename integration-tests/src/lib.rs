@@ -1,0 +1,266 @@
+//! Helpers for the end-to-end tests: start the real patched `mistralrs`
+//! server on the real model, talk to it over real HTTP on the loopback
+//! interface, and run the CLI to check its errors.
+//!
+//! The tests expect `scripts/prepare-host.sh`, `scripts/fetch-model.sh` and
+//! `cargo build -p mistralrs-cli` to have run (`make test` does all three).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+pub fn model_dir() -> PathBuf {
+    root().join("models/smollm2")
+}
+
+/// The `mistralrs` binary built in this workspace's target directory.
+pub fn mistralrs_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let bin = target.join("debug").join("mistralrs");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p mistralrs-cli` (or `make test`) first",
+        bin.display()
+    );
+    bin
+}
+
+/// The machine has two cores; servers in parallel tests would only slow each
+/// other down and distort timeouts, so tests that start one hold this lock.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Arguments that select the real model, as in the fixture's command.
+pub fn model_args() -> Vec<String> {
+    assert!(
+        model_dir().join(MODEL_FILE).exists(),
+        "the model is missing: run scripts/fetch-model.sh (or `make test`) first"
+    );
+    vec![
+        "--format".into(),
+        "gguf".into(),
+        "-m".into(),
+        model_dir().display().to_string(),
+        "-f".into(),
+        MODEL_FILE.into(),
+    ]
+}
+
+/// A running `mistralrs serve` process, killed on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Start `mistralrs serve` with `--kv-cache <backend>` and extra args, and
+    /// wait until it answers HTTP.
+    pub fn start(backend: &str, extra: &[&str]) -> Result<Server> {
+        Self::start_model(backend, extra, &model_args())
+    }
+
+    /// Like [`Server::start`] with explicit model arguments.
+    pub fn start_model(backend: &str, extra: &[&str], model: &[String]) -> Result<Server> {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("omnikv-it-{backend}-{port}.log"));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(mistralrs_bin());
+        cmd.arg("serve")
+            .args(["-p", &port.to_string(), "--host", "127.0.0.1"])
+            .args(["--kv-cache", backend])
+            .args(extra)
+            .args(model)
+            .current_dir(root())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = cmd.spawn().context("spawn mistralrs")?;
+        let mut server = Server { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("mistralrs exited early ({status}):\n{}", server.log_tail());
+            }
+            if let Ok((200, _)) = server.get("/v1/models") {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                bail!("mistralrs did not come up in time:\n{}", server.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether the server's log contains `needle`.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.log)
+            .map(|t| t.contains(needle))
+            .unwrap_or(false)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        http(self.port, "GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<(u16, String)> {
+        http(self.port, "POST", path, Some(&body.to_string()))
+    }
+
+    /// A greedy chat completion of one user message, as in the fixture.
+    pub fn chat(&self, prompt: &str, max_tokens: usize) -> Result<Completion> {
+        let body = serde_json::json!({
+            "model": "default",
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+        });
+        let (status, text) = self.post("/v1/chat/completions", &body)?;
+        if status != 200 {
+            bail!("HTTP {status}: {text}");
+        }
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("response: {text}"))?;
+        Ok(Completion {
+            text: v["choices"][0]["message"]["content"]
+                .as_str()
+                .context("no content")?
+                .to_string(),
+            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+            completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Minimal HTTP/1.1 client (loopback only): one request per connection.
+pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(1800)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut r = BufReader::new(s);
+    let mut status_line = String::new();
+    r.read_line(&mut status_line)?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut chunked = false;
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+            chunked = true;
+        } else if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        }
+    }
+    let mut out = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)?;
+            if n == 0 {
+                break;
+            }
+            let mut buf = vec![0; n + 2];
+            r.read_exact(&mut buf)?;
+            out.extend_from_slice(&buf[..n]);
+        }
+    } else if let Some(n) = length {
+        out.resize(n, 0);
+        r.read_exact(&mut out)?;
+    } else {
+        r.read_to_end(&mut out)?;
+    }
+    Ok((status, String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// Run the CLI to completion with a time limit.
+pub fn run_cli(args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut child = Command::new(mistralrs_bin())
+        .args(args)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("`mistralrs {}` did not exit within {timeout:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+/// The stock host's reference outputs (a copy of the shared fixture
+/// `stock-mistralrs-0.8.1-smollm2.json`: unpatched mistral.rs 0.8.1, greedy).
+pub fn stock_fixture() -> Result<Value> {
+    let path = root().join("integration-tests/fixtures/stock-mistralrs-0.8.1-smollm2.json");
+    Ok(serde_json::from_str(&std::fs::read_to_string(&path)?)?)
+}

@@ -1,0 +1,412 @@
+//! OmniKV configuration: the published JSON schema ([`OmniKvConfigFile`]) and
+//! the validated runtime type ([`OmniKvConfig`]) built from it once.
+//!
+//! Every problem in a file is reported at once, each naming the key, the bad
+//! value and what is allowed (unknown keys included), so a user fixes a config
+//! in one round trip.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::path::Path;
+
+/// Token budget of a filter layer: a count or a fraction of the prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TokenBudget {
+    /// Keep exactly this many prompt tokens (clamped to the prompt length).
+    Count(usize),
+    /// Keep `floor(ratio * prompt_len)` prompt tokens, ratio in (0, 1].
+    Ratio(f64),
+}
+
+impl TokenBudget {
+    /// Number of prompt tokens to keep for a prompt of `prompt_len` tokens,
+    /// clamped to `[1, prompt_len]` (0 only for an empty prompt).
+    pub fn tokens_for(&self, prompt_len: usize) -> usize {
+        if prompt_len == 0 {
+            return 0;
+        }
+        let k = match *self {
+            TokenBudget::Count(n) => n,
+            TokenBudget::Ratio(r) => (r * prompt_len as f64).floor() as usize,
+        };
+        k.clamp(1, prompt_len)
+    }
+}
+
+/// Token scoring rule at a filter layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectorKind {
+    Last,
+    SoftmaxBeforeLast,
+    Uniform,
+    Exp,
+}
+
+impl SelectorKind {
+    pub const ALLOWED: &'static str = "\"last\", \"softmax_before_last\", \"uniform\", \"exp\"";
+}
+
+/// The JSON file as published (`configs/example.json`), every key optional
+/// here so that missing, mistyped and unknown keys can all be reported.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct OmniKvConfigFile {
+    pub cpu_num_threads: Option<u64>,
+    pub use_chat_template: Option<bool>,
+    pub cot: Option<bool>,
+    pub max_context_len: Option<u64>,
+    pub model_name: Option<String>,
+    pub load_in_8bit: Option<bool>,
+    pub load_in_4bit: Option<bool>,
+    pub model_cls: Option<String>,
+    pub cache_cls: Option<String>,
+    pub use_flash_attn: Option<bool>,
+    /// `"2,8,18"` as published; a JSON array of integers is accepted too.
+    pub do_select_layers: Option<Value>,
+    pub num_wait_load_layers: Option<u64>,
+    pub real_offload: Option<bool>,
+    pub dense_more: Option<bool>,
+    /// An integer count or a fraction in (0, 1].
+    pub num_of_selected_tokens: Option<serde_json::Number>,
+    pub selector_cls: Option<String>,
+    pub window_size: Option<u64>,
+}
+
+const KNOWN_KEYS: &[&str] = &[
+    "cpu_num_threads",
+    "use_chat_template",
+    "cot",
+    "max_context_len",
+    "model_name",
+    "load_in_8bit",
+    "load_in_4bit",
+    "model_cls",
+    "cache_cls",
+    "use_flash_attn",
+    "do_select_layers",
+    "num_wait_load_layers",
+    "real_offload",
+    "dense_more",
+    "num_of_selected_tokens",
+    "selector_cls",
+    "window_size",
+];
+
+/// All problems found in a config, one line each.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} problem{} in the OmniKV config:",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 {
+        format!("{}...", s.chars().take(60).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn field<T: DeserializeOwned>(
+    map: &Map<String, Value>,
+    key: &str,
+    expected: &str,
+    errors: &mut Vec<String>,
+) -> Option<T> {
+    let v = map.get(key)?;
+    match serde_json::from_value::<T>(v.clone()) {
+        Ok(t) => Some(t),
+        Err(_) => {
+            errors.push(format!("`{key}` = {}: expected {expected}", short(v)));
+            None
+        }
+    }
+}
+
+impl OmniKvConfigFile {
+    /// Read the file fields from a JSON value, reporting type errors and
+    /// unknown keys together.
+    pub fn from_value(value: &Value) -> Result<Self, ConfigErrors> {
+        let (file, errors) = Self::from_value_lenient(value);
+        if errors.is_empty() {
+            Ok(file)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Like [`Self::from_value`], but returns what could be read (mistyped
+    /// keys left unset) together with the problems, so that range checks can
+    /// still run and every problem is reported in one go.
+    pub fn from_value_lenient(value: &Value) -> (Self, Vec<String>) {
+        let Some(map) = value.as_object() else {
+            return (
+                Self::default(),
+                vec![format!("the config must be a JSON object, got {}", short(value))],
+            );
+        };
+        let mut e = Vec::new();
+        for key in map.keys() {
+            if !KNOWN_KEYS.contains(&key.as_str()) {
+                e.push(format!(
+                    "unknown key `{key}`; known keys: {}",
+                    KNOWN_KEYS.join(", ")
+                ));
+            }
+        }
+        let int = "a non-negative integer";
+        let boolean = "true or false";
+        let string = "a string";
+        let file = OmniKvConfigFile {
+            cpu_num_threads: field(map, "cpu_num_threads", int, &mut e),
+            use_chat_template: field(map, "use_chat_template", boolean, &mut e),
+            cot: field(map, "cot", boolean, &mut e),
+            max_context_len: field(map, "max_context_len", int, &mut e),
+            model_name: field(map, "model_name", string, &mut e),
+            load_in_8bit: field(map, "load_in_8bit", boolean, &mut e),
+            load_in_4bit: field(map, "load_in_4bit", boolean, &mut e),
+            model_cls: field(map, "model_cls", string, &mut e),
+            cache_cls: field(map, "cache_cls", string, &mut e),
+            use_flash_attn: field(map, "use_flash_attn", boolean, &mut e),
+            do_select_layers: map.get("do_select_layers").cloned(),
+            num_wait_load_layers: field(map, "num_wait_load_layers", int, &mut e),
+            real_offload: field(map, "real_offload", boolean, &mut e),
+            dense_more: field(map, "dense_more", boolean, &mut e),
+            num_of_selected_tokens: field(
+                map,
+                "num_of_selected_tokens",
+                "an integer count >= 1 or a fraction in (0, 1]",
+                &mut e,
+            ),
+            selector_cls: field(map, "selector_cls", string, &mut e),
+            window_size: field(map, "window_size", int, &mut e),
+        };
+        (file, e)
+    }
+}
+
+/// The validated configuration the backend runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OmniKvConfig {
+    pub cpu_num_threads: usize,
+    pub use_chat_template: bool,
+    pub cot: bool,
+    pub max_context_len: usize,
+    pub model_name: Option<String>,
+    pub use_flash_attn: bool,
+    /// Filter layers, strictly ascending.
+    pub filter_layers: Vec<usize>,
+    pub num_wait_load_layers: usize,
+    pub real_offload: bool,
+    pub budget: TokenBudget,
+    pub selector: SelectorKind,
+    pub window_size: usize,
+}
+
+/// Upper bound for counts that size allocations or threads; anything larger
+/// is certainly a typo.
+const MAX_THREADS: u64 = 1024;
+const MAX_LAYERS: u64 = 4096;
+
+fn parse_layers(v: &Value, errors: &mut Vec<String>) -> Option<Vec<usize>> {
+    let what = "a comma-separated list of layer indices like \"2,8,18\" (or an array of integers), strictly ascending";
+    let raw: Vec<Result<u64, String>> = match v {
+        Value::String(s) => {
+            if s.trim().is_empty() {
+                errors.push(format!("`do_select_layers` = {}: expected {what}, got an empty list", short(v)));
+                return None;
+            }
+            s.split(',')
+                .map(|p| p.trim().parse::<u64>().map_err(|_| p.trim().to_string()))
+                .collect()
+        }
+        Value::Array(a) => {
+            if a.is_empty() {
+                errors.push(format!("`do_select_layers` = []: expected {what}, got an empty list"));
+                return None;
+            }
+            a.iter().map(|x| x.as_u64().ok_or_else(|| x.to_string())).collect()
+        }
+        _ => {
+            errors.push(format!("`do_select_layers` = {}: expected {what}", short(v)));
+            return None;
+        }
+    };
+    let mut out = Vec::with_capacity(raw.len());
+    for r in raw {
+        match r {
+            Ok(n) if n < MAX_LAYERS => out.push(n as usize),
+            Ok(n) => {
+                errors.push(format!("`do_select_layers`: layer {n} is out of range (at most {})", MAX_LAYERS - 1));
+                return None;
+            }
+            Err(bad) => {
+                errors.push(format!("`do_select_layers` = {}: `{bad}` is not a layer index; expected {what}", short(v)));
+                return None;
+            }
+        }
+    }
+    if out.windows(2).any(|w| w[0] >= w[1]) {
+        errors.push(format!(
+            "`do_select_layers` = {}: layers must be strictly ascending without duplicates",
+            short(v)
+        ));
+        return None;
+    }
+    Some(out)
+}
+
+fn parse_budget(n: &serde_json::Number, errors: &mut Vec<String>) -> Option<TokenBudget> {
+    if let Some(i) = n.as_u64() {
+        if i >= 1 {
+            return Some(TokenBudget::Count(i as usize));
+        }
+    } else if let Some(f) = n.as_f64() {
+        if f > 0.0 && f <= 1.0 {
+            return Some(TokenBudget::Ratio(f));
+        }
+    }
+    errors.push(format!(
+        "`num_of_selected_tokens` = {n}: expected an integer count >= 1 or a fraction in (0, 1]"
+    ));
+    None
+}
+
+impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
+    type Error = ConfigErrors;
+
+    fn try_from(f: OmniKvConfigFile) -> Result<Self, Self::Error> {
+        let mut e = Vec::new();
+        let cpu_num_threads = f.cpu_num_threads.unwrap_or(8);
+        if cpu_num_threads == 0 || cpu_num_threads > MAX_THREADS {
+            e.push(format!("`cpu_num_threads` = {cpu_num_threads}: expected 1..={MAX_THREADS}"));
+        }
+        let use_chat_template = f.use_chat_template.unwrap_or(false);
+        let cot = f.cot.unwrap_or(false);
+        if cot && !use_chat_template {
+            e.push("`cot` = true needs `use_chat_template` = true (chain-of-thought prompts use the chat template)".into());
+        }
+        let max_context_len = f.max_context_len.unwrap_or(128_500);
+        if max_context_len == 0 || max_context_len > u32::MAX as u64 {
+            e.push(format!("`max_context_len` = {max_context_len}: expected 1..={}", u32::MAX));
+        }
+        for (key, on) in [("load_in_8bit", f.load_in_8bit), ("load_in_4bit", f.load_in_4bit)] {
+            if on == Some(true) {
+                e.push(format!("`{key}` = true: bitsandbytes loading is not supported; quantize with a GGUF file or mistral.rs in-situ quantization (`--isq`) instead, and set `{key}` to false"));
+            }
+        }
+        for (key, v) in [("model_cls", &f.model_cls), ("cache_cls", &f.cache_cls)] {
+            if let Some(v) = v {
+                if v != "multi" {
+                    e.push(format!("`{key}` = \"{v}\": only \"multi\" (OmniKV) is supported"));
+                }
+            }
+        }
+        let filter_layers = match &f.do_select_layers {
+            Some(v) => parse_layers(v, &mut e),
+            None => {
+                e.push("`do_select_layers` is required: the filter layers, e.g. \"2,8,18\"".into());
+                None
+            }
+        };
+        let num_wait_load_layers = f.num_wait_load_layers.unwrap_or(1);
+        if num_wait_load_layers >= MAX_LAYERS {
+            e.push(format!("`num_wait_load_layers` = {num_wait_load_layers}: expected 0..{MAX_LAYERS}"));
+        }
+        if f.dense_more == Some(false) {
+            e.push("`dense_more` = false: only true is supported (wait-load layers attend densely)".into());
+        }
+        let budget = match &f.num_of_selected_tokens {
+            Some(n) => parse_budget(n, &mut e),
+            None => Some(TokenBudget::Ratio(0.067)),
+        };
+        let selector = match f.selector_cls.as_deref() {
+            None | Some("last") => Some(SelectorKind::Last),
+            Some("softmax_before_last") => Some(SelectorKind::SoftmaxBeforeLast),
+            Some("uniform") => Some(SelectorKind::Uniform),
+            Some("exp") => Some(SelectorKind::Exp),
+            Some(other) => {
+                e.push(format!("`selector_cls` = \"{other}\": expected one of {}", SelectorKind::ALLOWED));
+                None
+            }
+        };
+        let window_size = f.window_size.unwrap_or(16);
+        if window_size == 0 || window_size > 4096 {
+            e.push(format!("`window_size` = {window_size}: expected 1..=4096"));
+        }
+        if !e.is_empty() {
+            return Err(ConfigErrors(e));
+        }
+        Ok(OmniKvConfig {
+            cpu_num_threads: cpu_num_threads as usize,
+            use_chat_template,
+            cot,
+            max_context_len: max_context_len as usize,
+            model_name: f.model_name,
+            use_flash_attn: f.use_flash_attn.unwrap_or(true),
+            filter_layers: filter_layers.expect("checked above"),
+            num_wait_load_layers: num_wait_load_layers as usize,
+            real_offload: f.real_offload.unwrap_or(false),
+            budget: budget.expect("checked above"),
+            selector: selector.expect("checked above"),
+            window_size: window_size as usize,
+        })
+    }
+}
+
+impl OmniKvConfig {
+    /// Validate a JSON value, reporting every problem at once.
+    pub fn from_value(value: &Value) -> Result<Self, ConfigErrors> {
+        let (file, mut errors) = OmniKvConfigFile::from_value_lenient(value);
+        if !value.is_object() {
+            return Err(ConfigErrors(errors));
+        }
+        match OmniKvConfig::try_from(file) {
+            Ok(cfg) if errors.is_empty() => Ok(cfg),
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(more) => {
+                errors.extend(more.0);
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+
+    /// Parse and validate JSON text.
+    pub fn from_json_str(text: &str) -> Result<Self, ConfigErrors> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|err| ConfigErrors(vec![format!("not valid JSON: {err}")]))?;
+        Self::from_value(&value)
+    }
+
+    /// Read, parse and validate a config file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read OmniKV config `{}`: {e}", path.display()))?;
+        Self::from_json_str(&text).map_err(|e| anyhow::anyhow!("`{}`: {e}", path.display()))
+    }
+
+    /// A configuration whose every decode step attends to the whole prompt
+    /// (one filter layer at 0 keeping 100% of the prompt).
+    pub fn full_budget() -> Self {
+        OmniKvConfig::from_value(&serde_json::json!({
+            "do_select_layers": "0",
+            "num_of_selected_tokens": 1.0,
+        }))
+        .expect("built-in config is valid")
+    }
+}

@@ -1,0 +1,694 @@
+//! `llama_omnikv`: a Llama-3/3.1 decoder for OmniKV, read top to bottom:
+//! config, rotary embedding (with llama3 rope scaling), attention, MLP, block,
+//! model. It loads a Hugging Face safetensors directory or a GGUF file, keeps
+//! its KV cache in the host's per-layer [`KvCache`] (so the host's scheduler,
+//! batching and prefix cache manage it like a built-in model's), and sends
+//! every attention call through the selected KV-cache backend.
+//!
+//! Weight layout differences between the two formats:
+//! - HF checkpoints rotate the two halves of each head (`rope`, GPT-NeoX
+//!   order); GGUF converters permute `q`/`k` rows so that adjacent pairs are
+//!   rotated (`rope_i`).
+//! - HF carries llama3 rope scaling in `config.json` (`rope_scaling`); GGUF
+//!   carries the resulting per-frequency divisors as `rope_freqs.weight`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use mistralrs_core::kv_backend::{
+    AttentionInput, EitherCache, ForwardInfo, ForwardState, KvCache, KvCacheBackend, NormalCache,
+    SdpaParams,
+};
+use serde::Deserialize;
+
+// ---------------------------------------------------------------- config ---
+
+/// Llama 3.1 (`rope_type: "llama3"`) rope scaling parameters.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+/// Model hyper-parameters (the fields of an HF `config.json` we need).
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub max_position_embeddings: usize,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub tie_word_embeddings: bool,
+}
+
+/// `config.json` as written: transformers < 5 uses `rope_theta` and
+/// `rope_scaling`, transformers >= 5 nests both in `rope_parameters`.
+#[derive(Deserialize)]
+struct HfConfig {
+    hidden_size: usize,
+    intermediate_size: usize,
+    vocab_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    rope_theta: Option<f32>,
+    max_position_embeddings: usize,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    hidden_act: Option<String>,
+}
+
+impl LlamaConfig {
+    pub fn from_hf_json(text: &str) -> anyhow::Result<Self> {
+        let raw: HfConfig =
+            serde_json::from_str(text).context("config.json is not a Llama config")?;
+        if let Some(act) = raw.hidden_act.as_deref() {
+            if act != "silu" {
+                anyhow::bail!("hidden_act `{act}` is not supported by llama_omnikv (only silu)");
+            }
+        }
+        let params = raw.rope_parameters.as_ref();
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| params.and_then(|p| p["rope_theta"].as_f64()).map(|t| t as f32))
+            .unwrap_or(10_000.0);
+        let scaling = raw.rope_scaling.as_ref().or(params).filter(|v| !v.is_null());
+        let rope_scaling = match scaling {
+            None => None,
+            Some(v) => {
+                let kind = v
+                    .get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "llama3" => Some(
+                        serde_json::from_value::<Llama3RopeScaling>(v.clone())
+                            .context("llama3 rope scaling parameters")?,
+                    ),
+                    other => anyhow::bail!(
+                        "rope scaling type `{other}` is not supported by llama_omnikv (only llama3)"
+                    ),
+                }
+            }
+        };
+        Ok(LlamaConfig {
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            vocab_size: raw.vocab_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads: raw.num_key_value_heads,
+            head_dim: raw.head_dim,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta,
+            max_position_embeddings: raw.max_position_embeddings,
+            rope_scaling,
+            tie_word_embeddings: raw.tie_word_embeddings,
+        })
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+}
+
+// ------------------------------------------------------------------ rope ---
+
+/// Inverse frequencies `theta^(-2i/d)`, adjusted by llama3 rope scaling when
+/// given (see the spec: low frequencies divided by `factor`, high ones kept,
+/// a smooth blend in between).
+pub fn llama3_inv_freq(theta: f32, head_dim: usize, scaling: Option<&Llama3RopeScaling>) -> Vec<f32> {
+    let base: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
+        .collect();
+    let Some(s) = scaling else {
+        return base;
+    };
+    let orig = s.original_max_position_embeddings as f32;
+    let low_wavelen = orig / s.low_freq_factor;
+    let high_wavelen = orig / s.high_freq_factor;
+    base.into_iter()
+        .map(|inv| {
+            let wavelen = 2.0 * std::f32::consts::PI / inv;
+            if wavelen < high_wavelen {
+                inv
+            } else if wavelen > low_wavelen {
+                inv / s.factor
+            } else {
+                let smooth =
+                    (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * inv / s.factor + smooth * inv
+            }
+        })
+        .collect()
+}
+
+/// Precomputed cos/sin tables `(max_positions, head_dim / 2)`.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    /// Adjacent pairs (GGUF) instead of halves (HF).
+    interleaved: bool,
+    max_positions: usize,
+}
+
+impl Rotary {
+    pub fn new(
+        inv_freq: &[f32],
+        max_positions: usize,
+        interleaved: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv = Tensor::from_slice(inv_freq, (1, inv_freq.len()), device)?;
+        let t = Tensor::arange(0u32, max_positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_positions, 1))?;
+        let freqs = t.matmul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            interleaved,
+            max_positions,
+        })
+    }
+
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x, cos, sin)
+        }
+    }
+
+    /// Rotate `q` `(b, h, s, d)` and `k` `(b, kv_h, s, d)`; sequence `i` of the
+    /// batch starts at position `offsets[i]`.
+    pub fn apply(&self, q: &Tensor, k: &Tensor, offsets: &[usize]) -> Result<(Tensor, Tensor)> {
+        let (b, _, s, _) = q.dims4()?;
+        if offsets.len() != b {
+            candle_core::bail!("{} position offsets for a batch of {b}", offsets.len());
+        }
+        if let Some(&last) = offsets.iter().max() {
+            if last + s > self.max_positions {
+                candle_core::bail!(
+                    "position {} is beyond the model's context length of {} tokens",
+                    last + s - 1,
+                    self.max_positions
+                );
+            }
+        }
+        if offsets.windows(2).all(|w| w[0] == w[1]) {
+            let cos = self.cos.narrow(0, offsets[0], s)?;
+            let sin = self.sin.narrow(0, offsets[0], s)?;
+            return Ok((self.rotate(q, &cos, &sin)?, self.rotate(k, &cos, &sin)?));
+        }
+        let mut qs = Vec::with_capacity(b);
+        let mut ks = Vec::with_capacity(b);
+        for (i, &off) in offsets.iter().enumerate() {
+            let cos = self.cos.narrow(0, off, s)?;
+            let sin = self.sin.narrow(0, off, s)?;
+            qs.push(self.rotate(&q.narrow(0, i, 1)?, &cos, &sin)?);
+            ks.push(self.rotate(&k.narrow(0, i, 1)?, &cos, &sin)?);
+        }
+        Ok((Tensor::cat(&qs, 0)?, Tensor::cat(&ks, 0)?))
+    }
+}
+
+// ------------------------------------------------------------- attention ---
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+struct Attention {
+    q_proj: QMatMul,
+    k_proj: QMatMul,
+    v_proj: QMatMul,
+    o_proj: QMatMul,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    rotary: Arc<Rotary>,
+    sdpa_params: SdpaParams,
+}
+
+/// Per-layer context of one forward pass.
+struct LayerCtx<'a> {
+    layer_idx: usize,
+    offsets: &'a [usize],
+    backend: &'a dyn KvCacheBackend,
+    state: &'a mut ForwardState,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, cache: &mut KvCache, ctx: &mut LayerCtx<'_>) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let dtype = x.dtype();
+        let q = self.q_proj.forward(x)?.to_dtype(dtype)?;
+        let k = self.k_proj.forward(x)?.to_dtype(dtype)?;
+        let v = self.v_proj.forward(x)?.to_dtype(dtype)?;
+        let q = q.reshape((b, s, self.num_heads, self.head_dim))?.transpose(1, 2)?;
+        let k = k.reshape((b, s, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let v = v
+            .reshape((b, s, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = self.rotary.apply(&q, &k, ctx.offsets)?;
+        let y = ctx.backend.attention(
+            &AttentionInput {
+                layer_idx: ctx.layer_idx,
+                q: &q,
+                k: &k,
+                v: &v,
+                mask: None,
+                sdpa_params: &self.sdpa_params,
+                flash_params: None,
+                seqlen_offsets: ctx.offsets,
+            },
+            cache,
+            ctx.state,
+        )?;
+        let y = y.transpose(1, 2)?.reshape((b, s, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+// ------------------------------------------------------------------- mlp ---
+
+struct Mlp {
+    gate_proj: QMatMul,
+    up_proj: QMatMul,
+    down_proj: QMatMul,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+// ----------------------------------------------------------------- block ---
+
+struct Block {
+    input_layernorm: RmsNorm,
+    attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, cache: &mut KvCache, ctx: &mut LayerCtx<'_>) -> Result<Tensor> {
+        let residual = x;
+        let h = self.attn.forward(&self.input_layernorm.forward(x)?, cache, ctx)?;
+        let x = (h + residual)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        h + x
+    }
+}
+
+// ----------------------------------------------------------------- model ---
+
+/// Where the weights come from; decides the rotary layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    HfSafetensors,
+    Gguf,
+}
+
+pub struct LlamaOmniKv {
+    embed_tokens: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: QMatMul,
+    cache: EitherCache,
+    device: Device,
+    dtype: DType,
+    max_seq_len: usize,
+    backend: Arc<dyn KvCacheBackend>,
+    cfg: LlamaConfig,
+}
+
+fn sdpa_params(cfg: &LlamaConfig) -> SdpaParams {
+    SdpaParams {
+        n_kv_groups: cfg.num_attention_heads / cfg.num_kv_heads(),
+        softcap: None,
+        softmax_scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
+        sliding_window: None,
+        sinks: None,
+    }
+}
+
+fn check_shape(cfg: &LlamaConfig) -> anyhow::Result<()> {
+    if cfg.num_attention_heads == 0 || cfg.num_kv_heads() == 0 {
+        anyhow::bail!("the model has no attention heads");
+    }
+    if cfg.num_attention_heads % cfg.num_kv_heads() != 0 {
+        anyhow::bail!(
+            "{} attention heads are not a multiple of {} KV heads",
+            cfg.num_attention_heads,
+            cfg.num_kv_heads()
+        );
+    }
+    if cfg.head_dim() % 2 != 0 {
+        anyhow::bail!("head dim {} is odd; RoPE needs an even head dim", cfg.head_dim());
+    }
+    Ok(())
+}
+
+impl LlamaOmniKv {
+    /// Load an HF checkpoint: `config.json` text plus its safetensors files.
+    pub fn load_hf(
+        config_json: &str,
+        safetensors: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        backend: Arc<dyn KvCacheBackend>,
+    ) -> anyhow::Result<Self> {
+        let cfg = LlamaConfig::from_hf_json(config_json)?;
+        check_shape(&cfg)?;
+        // SAFETY: the files are memory-mapped read-only and not modified while
+        // the model lives, as for every safetensors loader.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(safetensors, dtype, device)? };
+        let (hd, kvh, nh) = (cfg.head_dim(), cfg.num_kv_heads(), cfg.num_attention_heads);
+        let linear = |vb: &VarBuilder, out: usize, inp: usize| -> Result<QMatMul> {
+            Ok(QMatMul::Tensor(vb.get((out, inp), "weight")?))
+        };
+        let vb_m = vb.pp("model");
+        let embed = vb_m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            QMatMul::Tensor(embed.clone())
+        } else {
+            linear(&vb.pp("lm_head"), cfg.vocab_size, cfg.hidden_size)?
+        };
+        let rotary = Arc::new(Rotary::new(
+            &llama3_inv_freq(cfg.rope_theta, hd, cfg.rope_scaling.as_ref()),
+            cfg.max_position_embeddings,
+            false,
+            dtype,
+            device,
+        )?);
+        let norm = |vb: VarBuilder| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: vb.get(cfg.hidden_size, "weight")?,
+                eps: cfg.rms_norm_eps as f32,
+            })
+        };
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| -> Result<Block> {
+                let vb_l = vb_m.pp(format!("layers.{i}"));
+                let vb_a = vb_l.pp("self_attn");
+                let vb_f = vb_l.pp("mlp");
+                Ok(Block {
+                    input_layernorm: norm(vb_l.pp("input_layernorm"))?,
+                    attn: Attention {
+                        q_proj: linear(&vb_a.pp("q_proj"), nh * hd, cfg.hidden_size)?,
+                        k_proj: linear(&vb_a.pp("k_proj"), kvh * hd, cfg.hidden_size)?,
+                        v_proj: linear(&vb_a.pp("v_proj"), kvh * hd, cfg.hidden_size)?,
+                        o_proj: linear(&vb_a.pp("o_proj"), cfg.hidden_size, nh * hd)?,
+                        num_heads: nh,
+                        num_kv_heads: kvh,
+                        head_dim: hd,
+                        rotary: rotary.clone(),
+                        sdpa_params: sdpa_params(&cfg),
+                    },
+                    post_attention_layernorm: norm(vb_l.pp("post_attention_layernorm"))?,
+                    mlp: Mlp {
+                        gate_proj: linear(&vb_f.pp("gate_proj"), cfg.intermediate_size, cfg.hidden_size)?,
+                        up_proj: linear(&vb_f.pp("up_proj"), cfg.intermediate_size, cfg.hidden_size)?,
+                        down_proj: linear(&vb_f.pp("down_proj"), cfg.hidden_size, cfg.intermediate_size)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: Embedding::new(embed, cfg.hidden_size),
+            blocks,
+            norm: norm(vb_m.pp("norm"))?,
+            lm_head,
+            cache: EitherCache::Normal(NormalCache::new(
+                cfg.num_hidden_layers,
+                cfg.max_position_embeddings,
+            )),
+            device: device.clone(),
+            dtype,
+            max_seq_len: cfg.max_position_embeddings,
+            backend,
+            cfg,
+        })
+    }
+
+    /// Load a single-file GGUF model of architecture `llama`.
+    pub fn load_gguf(
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        backend: Arc<dyn KvCacheBackend>,
+    ) -> anyhow::Result<Self> {
+        let [path] = files else {
+            anyhow::bail!(
+                "llama_omnikv loads one GGUF file, got {}; merge split GGUF files first",
+                files.len()
+            );
+        };
+        let mut file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open GGUF file `{}`", path.display()))?;
+        let ct = gguf_file::Content::read(&mut file)
+            .with_context(|| format!("`{}` is not a GGUF file", path.display()))?;
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "llama" {
+            anyhow::bail!("llama_omnikv loads GGUF architecture `llama`, got `{arch}`");
+        }
+        let md = |key: &str| -> anyhow::Result<&gguf_file::Value> {
+            ct.metadata
+                .get(&format!("llama.{key}"))
+                .with_context(|| format!("GGUF metadata `llama.{key}` is missing"))
+        };
+        let get_u32 = |key: &str| -> anyhow::Result<usize> { Ok(md(key)?.to_u32()? as usize) };
+        let num_heads = get_u32("attention.head_count")?;
+        let num_kv_heads = get_u32("attention.head_count_kv").unwrap_or(num_heads);
+        let hidden = get_u32("embedding_length")?;
+        let head_dim = get_u32("attention.key_length").unwrap_or(hidden / num_heads);
+        let max_seq_len = get_u32("context_length").unwrap_or(4096);
+        let rope_theta = md("rope.freq_base")
+            .ok()
+            .map(|v| v.to_f32())
+            .transpose()?
+            .unwrap_or(10_000.0);
+        let cfg = LlamaConfig {
+            hidden_size: hidden,
+            intermediate_size: get_u32("feed_forward_length")?,
+            vocab_size: 0, // filled from the embedding below
+            num_hidden_layers: get_u32("block_count")?,
+            num_attention_heads: num_heads,
+            num_key_value_heads: Some(num_kv_heads),
+            head_dim: Some(head_dim),
+            rms_norm_eps: md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            rope_theta,
+            max_position_embeddings: max_seq_len,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+        };
+        check_shape(&cfg)?;
+        let mut tensor = |name: &str| -> anyhow::Result<candle_core::quantized::QTensor> {
+            ct.tensor(&mut file, name, device)
+                .with_context(|| format!("GGUF tensor `{name}`"))
+        };
+        let embed = tensor("token_embd.weight")?.dequantize(device)?.to_dtype(dtype)?;
+        let vocab_size = embed.dim(0)?;
+        let lm_head = match tensor("output.weight") {
+            Ok(t) => QMatMul::from_qtensor(t)?,
+            Err(_) => QMatMul::from_qtensor(tensor("token_embd.weight")?)?,
+        };
+        let mut inv_freq = llama3_inv_freq(rope_theta, head_dim, None);
+        if let Ok(factors) = tensor("rope_freqs.weight") {
+            let factors = factors.dequantize(device)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if factors.len() != inv_freq.len() {
+                anyhow::bail!(
+                    "rope_freqs.weight has {} entries, expected head_dim / 2 = {}",
+                    factors.len(),
+                    inv_freq.len()
+                );
+            }
+            for (inv, f) in inv_freq.iter_mut().zip(factors) {
+                *inv /= f;
+            }
+        }
+        let rotary = Arc::new(Rotary::new(&inv_freq, max_seq_len, true, dtype, device)?);
+        let mut norm = |name: &str| -> anyhow::Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: tensor(name)?.dequantize(device)?.to_dtype(dtype)?,
+                eps: cfg.rms_norm_eps as f32,
+            })
+        };
+        let final_norm = norm("output_norm.weight")?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("blk.{i}");
+            let mut q = |n: &str| -> anyhow::Result<QMatMul> {
+                Ok(QMatMul::from_qtensor(
+                    ct.tensor(&mut file, &format!("{p}.{n}.weight"), device)
+                        .with_context(|| format!("GGUF tensor `{p}.{n}.weight`"))?,
+                )?)
+            };
+            let attn = Attention {
+                q_proj: q("attn_q")?,
+                k_proj: q("attn_k")?,
+                v_proj: q("attn_v")?,
+                o_proj: q("attn_output")?,
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                rotary: rotary.clone(),
+                sdpa_params: sdpa_params(&cfg),
+            };
+            let mlp = Mlp {
+                gate_proj: q("ffn_gate")?,
+                up_proj: q("ffn_up")?,
+                down_proj: q("ffn_down")?,
+            };
+            let dq = |t: candle_core::quantized::QTensor| -> Result<Tensor> {
+                t.dequantize(device)?.to_dtype(dtype)
+            };
+            let eps = cfg.rms_norm_eps as f32;
+            let attn_norm = dq(ct.tensor(&mut file, &format!("{p}.attn_norm.weight"), device)?)?;
+            let ffn_norm = dq(ct.tensor(&mut file, &format!("{p}.ffn_norm.weight"), device)?)?;
+            blocks.push(Block {
+                input_layernorm: RmsNorm { weight: attn_norm, eps },
+                attn,
+                post_attention_layernorm: RmsNorm { weight: ffn_norm, eps },
+                mlp,
+            });
+        }
+        let cfg = LlamaConfig { vocab_size, ..cfg };
+        Ok(Self {
+            embed_tokens: Embedding::new(embed, cfg.hidden_size),
+            blocks,
+            norm: final_norm,
+            lm_head,
+            cache: EitherCache::Normal(NormalCache::new(cfg.num_hidden_layers, max_seq_len)),
+            device: device.clone(),
+            dtype,
+            max_seq_len,
+            backend,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Clear the KV cache (for direct use outside the host pipeline).
+    pub fn reset_cache(&self) {
+        for c in self.cache.normal().0.iter_mut() {
+            c.reset();
+        }
+    }
+
+    /// `input_ids` `(b, s)`; returns logits of the positions selected by
+    /// `context_lens` (`(start, len)` per sequence), `(b, len, vocab)`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        offsets: &[usize],
+        context_lens: Vec<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let mut x = self.embed_tokens.forward(input_ids)?.to_dtype(self.dtype)?;
+        let mut cache = self.cache.normal();
+        let mut state = self.backend.begin_forward(&ForwardInfo {
+            batch_size: b,
+            seq_len: s,
+            seqlen_offsets: offsets,
+            num_layers: self.blocks.len(),
+        })?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mut ctx = LayerCtx {
+                layer_idx: i,
+                offsets,
+                backend: &*self.backend,
+                state: &mut state,
+            };
+            x = block.forward(&x, &mut cache.0[i], &mut ctx)?;
+        }
+        drop(cache);
+        let x = self.norm.forward(&x)?;
+        let mut picked = Vec::with_capacity(b);
+        for (i, (start, len)) in context_lens.into_iter().enumerate() {
+            picked.push(x.narrow(0, i, 1)?.narrow(1, start, len)?);
+        }
+        let x = Tensor::cat(&picked, 0)?.contiguous()?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+}
+
+impl mistralrs_core::kv_backend::CustomTextModel for LlamaOmniKv {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        seqlen_offsets: &[usize],
+        context_lens: Vec<(usize, usize)>,
+    ) -> Result<Tensor> {
+        LlamaOmniKv::forward(self, input_ids, seqlen_offsets, context_lens)
+    }
+
+    fn cache(&self) -> &EitherCache {
+        &self.cache
+    }
+
+    fn cache_mut(&mut self) -> &mut EitherCache {
+        &mut self.cache
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+}
