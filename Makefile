@@ -1,5 +1,7 @@
 # One target directory, one profile (dev, with optimised dependencies), one
 # feature set: tests and the server binary share every compiled host crate.
+# Always build/test the whole workspace (`--workspace`): selecting fewer
+# packages changes feature unification and recompiles mistral.rs.
 MODEL_DIR := models/smollm2
 MODEL_FILE := SmolLM2-135M-Instruct.Q4_1.gguf
 PORT ?= 1234
@@ -7,7 +9,7 @@ KV_CACHE ?= omnikv
 KV_CACHE_CONFIG ?= configs/example.json
 CARGO ?= cargo
 
-.PHONY: prepare build serve test test-unit fixtures patches-check fmt
+.PHONY: prepare build serve test fixtures fmt
 
 ## Extract and patch the pinned host crates, fetch the model.
 prepare:
@@ -16,7 +18,7 @@ prepare:
 
 ## Build the patched `mistralrs` binary (target/debug/mistralrs).
 build: prepare
-	$(CARGO) build -p mistralrs-cli
+	$(CARGO) build --workspace
 
 ## Serve the real model on 127.0.0.1:$(PORT) (A/B: make serve KV_CACHE=default).
 serve: build
@@ -32,12 +34,7 @@ serve: build
 ## Every test: unit tests, real-model logits fixtures, CLI errors, and the
 ## end-to-end HTTP tests against stock mistral.rs outputs.
 test: build
-	$(CARGO) test -p omnikv-backend -p integration-tests
-
-## Unit tests only (no server, no model download).
-test-unit:
-	scripts/prepare-host.sh
-	$(CARGO) test -p omnikv-backend
+	$(CARGO) test --workspace
 
 ## Rewrite the tiny Llama fixtures (needs torch, transformers, gguf).
 fixtures:

@@ -133,7 +133,7 @@ def write_tokenizer(out, vocab_size):
     del vocab["t0"], vocab["t1"], vocab["t2"]
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.decoder = decoders.ByteLevel()
     tok.save(os.path.join(out, "tokenizer.json"))
     template = (
         "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
@@ -179,6 +179,16 @@ def main():
         }
         with open(os.path.join(out, "reference.json"), "w") as f:
             json.dump(ref, f)
+        # Write config.json the way published Llama-3/3.1 checkpoints have it
+        # (`rope_theta` + `rope_scaling`; transformers >= 5 would nest both in
+        # `rope_parameters`, which mistral.rs 0.8.1 cannot read).
+        with open(os.path.join(out, "config.json")) as f:
+            written = json.load(f)
+        params = written.pop("rope_parameters", None) or {}
+        written["rope_theta"] = params.get("rope_theta", cfg["rope_theta"])
+        written["rope_scaling"] = cfg["rope_scaling"]
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(written, f, indent=2, sort_keys=True)
         write_tokenizer(out, cfg["vocab_size"])
         sd = model.state_dict()
         write_gguf(os.path.join(out, "model.gguf"), cfg, sd, cfg["rope_scaling"] is not None)

@@ -179,7 +179,7 @@ fn batched_prefill_matches_single_sequences() {
     let dev = Device::Cpu;
     let a = &r.ids[..20];
     let b = &r.ids[20..40];
-    let batch = Tensor::new(&[a, b], &dev).unwrap();
+    let batch = Tensor::stack(&[Tensor::new(a, &dev).unwrap(), Tensor::new(b, &dev).unwrap()], 0).unwrap();
     model.reset_cache();
     let both: Vec<Vec<Vec<f32>>> = model.forward(&batch, &[0, 0], vec![(0, 20), (0, 20)]).unwrap().to_vec3().unwrap();
     for (i, ids) in [a, b].into_iter().enumerate() {
@@ -191,4 +191,21 @@ fn batched_prefill_matches_single_sequences() {
             assert!(worst <= 0.0, "sequence {i} position {pos}: batched vs single off by {max_abs}");
         }
     }
+}
+
+#[test]
+fn config_reads_legacy_and_transformers5_rope_keys() {
+    let legacy = LlamaConfig::from_hf_json(&std::fs::read_to_string(fixture("tiny-llama31").join("config.json")).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama31").join("config.json")).unwrap()).unwrap();
+    let obj = v.as_object_mut().unwrap();
+    let mut params = obj.remove("rope_scaling").unwrap();
+    params["rope_theta"] = obj.remove("rope_theta").unwrap();
+    obj.insert("rope_parameters".into(), params);
+    let v5 = LlamaConfig::from_hf_json(&v.to_string()).unwrap();
+    assert_eq!(v5.rope_scaling, legacy.rope_scaling);
+    assert_eq!(v5.rope_theta, legacy.rope_theta);
+    let bad = v.to_string().replace("\"llama3\"", "\"yarn\"");
+    let e = LlamaConfig::from_hf_json(&bad).unwrap_err().to_string();
+    assert!(e.contains("rope scaling type `yarn` is not supported"), "{e}");
 }

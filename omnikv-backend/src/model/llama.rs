@@ -269,6 +269,9 @@ struct Attention {
 struct LayerCtx<'a> {
     layer_idx: usize,
     offsets: &'a [usize],
+    /// Additive causal mask `(s, past + s)` for prompt passes, as the host's
+    /// attention expects; `None` for single-token steps.
+    mask: Option<&'a Tensor>,
     backend: &'a dyn KvCacheBackend,
     state: &'a mut ForwardState,
 }
@@ -293,7 +296,7 @@ impl Attention {
                 q: &q,
                 k: &k,
                 v: &v,
-                mask: None,
+                mask: ctx.mask,
                 sdpa_params: &self.sdpa_params,
                 flash_params: None,
                 seqlen_offsets: ctx.offsets,
@@ -640,6 +643,12 @@ impl LlamaOmniKv {
         let (b, s) = input_ids.dims2()?;
         let mut x = self.embed_tokens.forward(input_ids)?.to_dtype(self.dtype)?;
         let mut cache = self.cache.normal();
+        let mask = if s > 1 {
+            let past = cache.0.first().map(KvCache::current_seq_len).unwrap_or(0);
+            Some(crate::attention::causal_mask(s, past, &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
         let mut state = self.backend.begin_forward(&ForwardInfo {
             batch_size: b,
             seq_len: s,
@@ -650,6 +659,7 @@ impl LlamaOmniKv {
             let mut ctx = LayerCtx {
                 layer_idx: i,
                 offsets,
+                mask: mask.as_ref(),
                 backend: &*self.backend,
                 state: &mut state,
             };
