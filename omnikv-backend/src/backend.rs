@@ -1,17 +1,29 @@
 //! The `omnikv` KV-cache backend as seen by the host.
 //!
-//! The host's `KvCacheBackend` interface hands every attention call of a
-//! model to this type. At this stage every layer attends densely through this
-//! crate's own attention ([`crate::attention`]); the layer plan and the
-//! filter-layer selection build on the same entry point.
+//! Every attention call of a model goes through [`OmniKvBackend::attention`]:
+//! - prompt passes attend densely in every layer (the first generated token
+//!   comes from full attention);
+//! - on decode steps, a filter layer scores the prompt positions with its
+//!   current query (and, for window selectors, its recent queries), keeps the
+//!   top-k, and hands the sorted index set to the sparse layers it serves
+//!   through the per-pass state; dense layers (pre-filter, filter, wait-load)
+//!   attend to everything; sparse layers attend to the selection plus all
+//!   generated tokens.
+//!
+//! No row is ever dropped from the cache. Per-sequence facts (prompt length,
+//! past queries of window selectors) live in the host's cache tensors, so the
+//! host's batching and prefix cache carry them along.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{Result, Tensor};
-use mistralrs_core::kv_backend::{AttentionInput, ForwardState, KvCache, KvCacheBackend};
+use mistralrs_core::kv_backend::{AttentionInput, ForwardInfo, ForwardState, KvCache, KvCacheBackend};
 
 use crate::attention::causal_attention;
 use crate::config::OmniKvConfig;
+use crate::plan::{LayerPlan, LayerRole};
+use crate::selector::{make_selector, select, Selector};
+use crate::sparse_attention::{attended_rows, sparse_decode_attention};
 
 /// Name under which the backend is registered with the host.
 pub const BACKEND_NAME: &str = "omnikv";
@@ -19,18 +31,74 @@ pub const BACKEND_NAME: &str = "omnikv";
 #[derive(Debug, Clone)]
 pub struct OmniKvBackend {
     config: Arc<OmniKvConfig>,
+    selector: Arc<dyn Selector>,
+    plan: Arc<OnceLock<LayerPlan>>,
+}
+
+/// State of one forward pass.
+pub struct Step {
+    /// A decode step with known prompt lengths: selection is active.
+    sparse: bool,
+    prompt_lens: Vec<usize>,
+    /// For each layer, the prompt positions it selected, per sequence.
+    selections: Vec<Option<Vec<Vec<u32>>>>,
 }
 
 impl OmniKvBackend {
     pub fn new(config: OmniKvConfig) -> Self {
+        let selector: Arc<dyn Selector> = Arc::from(make_selector(config.selector, config.window_size));
         Self {
             config: Arc::new(config),
+            selector,
+            plan: Arc::new(OnceLock::new()),
         }
     }
 
     pub fn config(&self) -> &OmniKvConfig {
         &self.config
     }
+
+    fn plan(&self, num_layers: usize) -> Result<&LayerPlan> {
+        if let Some(p) = self.plan.get() {
+            if p.roles.len() != num_layers {
+                candle_core::bail!(
+                    "omnikv: this backend was set up for a {}-layer model, got {num_layers} layers",
+                    p.roles.len()
+                );
+            }
+            return Ok(p);
+        }
+        let plan = LayerPlan::new(&self.config, num_layers).map_err(candle_core::Error::msg)?;
+        Ok(self.plan.get_or_init(|| plan))
+    }
+
+    /// Filter layers of window selectors keep their queries next to the
+    /// values (see [`Self::attention`]).
+    fn keeps_queries(&self, role: LayerRole) -> bool {
+        role == LayerRole::Filter && self.selector.window() > 1
+    }
+}
+
+/// `(b, h, s, d)` -> `(b, kv_h, s, g * d)`: the queries of each KV head's
+/// group side by side, so they can be stored with that head's values.
+fn group_queries(q: &Tensor, kv_h: usize) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let g = h / kv_h;
+    q.reshape((b, kv_h, g, s, d))?
+        .permute((0, 1, 3, 2, 4))?
+        .contiguous()?
+        .reshape((b, kv_h, s, g * d))
+}
+
+/// Inverse of [`group_queries`] for one sequence's rows: `(kv_h, w, g * d)` ->
+/// `(w, h, d)`.
+fn ungroup_queries(qg: &Tensor, d: usize) -> Result<Tensor> {
+    let (kv_h, w, gd) = qg.dims3()?;
+    let g = gd / d;
+    qg.reshape((kv_h, w, g, d))?
+        .permute((1, 0, 2, 3))?
+        .contiguous()?
+        .reshape((w, kv_h * g, d))
 }
 
 impl KvCacheBackend for OmniKvBackend {
@@ -46,13 +114,79 @@ impl KvCacheBackend for OmniKvBackend {
         Some(crate::model::ARCHITECTURE_NAME)
     }
 
-    fn attention(
-        &self,
-        input: &AttentionInput<'_>,
-        cache: &mut KvCache,
-        _state: &mut ForwardState,
-    ) -> Result<Tensor> {
-        let (k, v) = cache.append(input.k, input.v)?;
-        causal_attention(input.q, &k, &v, input.sdpa_params.softmax_scale as f64)
+    fn begin_forward(&self, info: &ForwardInfo<'_>) -> Result<ForwardState> {
+        self.plan(info.num_layers)?;
+        let (sparse, prompt_lens) = match &info.prompt_lens {
+            Some(lens) if !info.is_prefill() => (true, lens.clone()),
+            _ => (false, Vec::new()),
+        };
+        Ok(Box::new(Step {
+            sparse,
+            prompt_lens,
+            selections: vec![None; info.num_layers],
+        }))
+    }
+
+    fn attention(&self, input: &AttentionInput<'_>, cache: &mut KvCache, state: &mut ForwardState) -> Result<Tensor> {
+        let Some(step) = state.downcast_mut::<Step>() else {
+            candle_core::bail!("omnikv: the forward pass was not started by this backend");
+        };
+        let plan = self.plan(step.selections.len())?;
+        let layer = input.layer_idx;
+        let role = plan.roles[layer];
+        let scale = input.sdpa_params.softmax_scale as f64;
+        let (b, _h, _s, d) = input.q.dims4()?;
+        let kv_h = input.k.dim(1)?;
+
+        let keeps_queries = self.keeps_queries(role);
+        let (k, v_cached) = if keeps_queries {
+            let v = Tensor::cat(&[input.v, &group_queries(input.q, kv_h)?], 3)?;
+            cache.append(input.k, &v)?
+        } else {
+            cache.append(input.k, input.v)?
+        };
+        let v = if keeps_queries { v_cached.narrow(3, 0, d)?.contiguous()? } else { v_cached.clone() };
+
+        if !step.sparse {
+            return causal_attention(input.q, &k, &v, scale);
+        }
+        let n = k.dim(2)?;
+        match role {
+            LayerRole::Filter => {
+                let mut per_seq = Vec::with_capacity(b);
+                for i in 0..b {
+                    let p = step.prompt_lens[i].min(n);
+                    let budget = self.config.budget.tokens_for(p);
+                    let keys = k.get(i)?.narrow(1, 0, p)?; // (kv_h, P, d)
+                    let queries = if keeps_queries {
+                        let w = self.selector.window().min(n);
+                        ungroup_queries(&v_cached.get(i)?.narrow(1, n - w, w)?.narrow(2, d, v_cached.dim(3)? - d)?, d)?
+                    } else {
+                        input.q.get(i)?.transpose(0, 1)? // (1, h, d)
+                    };
+                    per_seq.push(select(&*self.selector, &queries, &keys, scale, budget, n - p)?);
+                }
+                step.selections[layer] = Some(per_seq);
+                causal_attention(input.q, &k, &v, scale)
+            }
+            LayerRole::Sparse { filter } => {
+                let Some(selection) = step.selections[filter].as_ref() else {
+                    candle_core::bail!("omnikv: layer {layer} runs before its filter layer {filter} selected tokens");
+                };
+                let mut outs = Vec::with_capacity(b);
+                for (i, sel) in selection.iter().enumerate() {
+                    let p = step.prompt_lens[i].min(n);
+                    let (qi, ki, vi) = (input.q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+                    if sel.len() >= p {
+                        // The budget covers the whole prompt: plain dense attention.
+                        outs.push(causal_attention(&qi, &ki, &vi, scale)?);
+                    } else {
+                        outs.push(sparse_decode_attention(&qi, &ki, &vi, &attended_rows(sel, p, n), scale)?);
+                    }
+                }
+                Tensor::cat(&outs, 0)
+            }
+            LayerRole::PreFilterDense | LayerRole::WaitLoad { .. } => causal_attention(input.q, &k, &v, scale),
+        }
     }
 }

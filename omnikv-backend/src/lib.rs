@@ -11,6 +11,8 @@ pub mod backend;
 pub mod config;
 pub mod model;
 pub mod plan;
+pub mod selector;
+pub mod sparse_attention;
 
 use std::sync::{Arc, Once};
 
@@ -36,7 +38,7 @@ pub fn register() {
                 };
                 let config = OmniKvConfig::from_value(config)?;
                 tracing::info!(
-                    "OmniKV: filter layers {:?}, {} wait-load layer(s), budget {:?}, selector {:?} (token selection is not active yet: every layer attends densely)",
+                    "OmniKV: filter layers {:?}, {} wait-load layer(s), budget {:?}, selector {:?}",
                     config.filter_layers,
                     config.num_wait_load_layers,
                     config.budget,

@@ -263,6 +263,8 @@ struct Attention {
     head_dim: usize,
     rotary: Arc<Rotary>,
     sdpa_params: SdpaParams,
+    /// dtype of q/k/v, the rotary tables and the KV cache.
+    attn_dtype: DType,
 }
 
 /// Per-layer context of one forward pass.
@@ -279,7 +281,7 @@ struct LayerCtx<'a> {
 impl Attention {
     fn forward(&self, x: &Tensor, cache: &mut KvCache, ctx: &mut LayerCtx<'_>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let dtype = x.dtype();
+        let dtype = self.attn_dtype;
         let q = self.q_proj.forward(x)?.to_dtype(dtype)?;
         let k = self.k_proj.forward(x)?.to_dtype(dtype)?;
         let v = self.v_proj.forward(x)?.to_dtype(dtype)?;
@@ -304,7 +306,10 @@ impl Attention {
             cache,
             ctx.state,
         )?;
-        let y = y.transpose(1, 2)?.reshape((b, s, self.num_heads * self.head_dim))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.head_dim))?
+            .to_dtype(x.dtype())?;
         self.o_proj.forward(&y)
     }
 }
@@ -360,7 +365,10 @@ pub struct LlamaOmniKv {
     lm_head: QMatMul,
     cache: EitherCache,
     device: Device,
-    dtype: DType,
+    /// dtype of the residual stream (f32 for GGUF, as the host's GGUF models).
+    act_dtype: DType,
+    /// dtype of q/k/v, the KV cache and the attention mask.
+    attn_dtype: DType,
     max_seq_len: usize,
     backend: Arc<dyn KvCacheBackend>,
     cfg: LlamaConfig,
@@ -448,6 +456,7 @@ impl LlamaOmniKv {
                         head_dim: hd,
                         rotary: rotary.clone(),
                         sdpa_params: sdpa_params(&cfg),
+                        attn_dtype: dtype,
                     },
                     post_attention_layernorm: norm(vb_l.pp("post_attention_layernorm"))?,
                     mlp: Mlp {
@@ -468,7 +477,8 @@ impl LlamaOmniKv {
                 cfg.max_position_embeddings,
             )),
             device: device.clone(),
-            dtype,
+            act_dtype: dtype,
+            attn_dtype: dtype,
             max_seq_len: cfg.max_position_embeddings,
             backend,
             cfg,
@@ -536,7 +546,9 @@ impl LlamaOmniKv {
             ct.tensor(&mut file, name, device)
                 .with_context(|| format!("GGUF tensor `{name}`"))
         };
-        let embed = tensor("token_embd.weight")?.dequantize(device)?.to_dtype(dtype)?;
+        // Like the host's GGUF models: weights stay quantized, the residual
+        // stream is f32, and only attention (q/k/v, cache) runs in `dtype`.
+        let embed = tensor("token_embd.weight")?.dequantize(device)?;
         let vocab_size = embed.dim(0)?;
         let lm_head = match tensor("output.weight") {
             Ok(t) => QMatMul::from_qtensor(t)?,
@@ -559,7 +571,7 @@ impl LlamaOmniKv {
         let rotary = Arc::new(Rotary::new(&inv_freq, max_seq_len, true, dtype, device)?);
         let mut norm = |name: &str| -> anyhow::Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: tensor(name)?.dequantize(device)?.to_dtype(dtype)?,
+                weight: tensor(name)?.dequantize(device)?,
                 eps: cfg.rms_norm_eps as f32,
             })
         };
@@ -583,6 +595,7 @@ impl LlamaOmniKv {
                 head_dim,
                 rotary: rotary.clone(),
                 sdpa_params: sdpa_params(&cfg),
+                attn_dtype: dtype,
             };
             let mlp = Mlp {
                 gate_proj: q("ffn_gate")?,
@@ -590,7 +603,7 @@ impl LlamaOmniKv {
                 down_proj: q("ffn_down")?,
             };
             let dq = |t: candle_core::quantized::QTensor| -> Result<Tensor> {
-                t.dequantize(device)?.to_dtype(dtype)
+                t.dequantize(device)
             };
             let eps = cfg.rms_norm_eps as f32;
             let attn_norm = dq(ct.tensor(&mut file, &format!("{p}.attn_norm.weight"), device)?)?;
@@ -610,7 +623,8 @@ impl LlamaOmniKv {
             lm_head,
             cache: EitherCache::Normal(NormalCache::new(cfg.num_hidden_layers, max_seq_len)),
             device: device.clone(),
-            dtype,
+            act_dtype: DType::F32,
+            attn_dtype: dtype,
             max_seq_len,
             backend,
             cfg,
@@ -641,11 +655,11 @@ impl LlamaOmniKv {
         context_lens: Vec<(usize, usize)>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let mut x = self.embed_tokens.forward(input_ids)?.to_dtype(self.dtype)?;
+        let mut x = self.embed_tokens.forward(input_ids)?.to_dtype(self.act_dtype)?;
         let mut cache = self.cache.normal();
         let mask = if s > 1 {
             let past = cache.0.first().map(KvCache::current_seq_len).unwrap_or(0);
-            Some(crate::attention::causal_mask(s, past, &self.device)?.to_dtype(self.dtype)?)
+            Some(crate::attention::causal_mask(s, past, &self.device)?.to_dtype(self.attn_dtype)?)
         } else {
             None
         };
@@ -654,6 +668,7 @@ impl LlamaOmniKv {
             seq_len: s,
             seqlen_offsets: offsets,
             num_layers: self.blocks.len(),
+            prompt_lens: mistralrs_core::kv_backend::current_prompt_lens(),
         })?;
         for (i, block) in self.blocks.iter().enumerate() {
             let mut ctx = LayerCtx {

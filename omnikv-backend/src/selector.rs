@@ -1,0 +1,161 @@
+//! Token scoring at a filter layer (spec: "Selection at a filter layer").
+//!
+//! A selector turns the filter layer's recent queries and the cached prompt
+//! keys into one score per prompt position; [`top_k_sorted`] (shared) keeps
+//! the best `k` positions in ascending order.
+//!
+//! Shapes: queries `(w, h, d)` oldest first (post-RoPE, the newest is the
+//! current token), prompt keys `(kv_h, P, d)` (post-RoPE); query head `i`
+//! reads KV head `i / (h / kv_h)`.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::config::SelectorKind;
+
+/// Scores of prompt positions, `(P,)`, higher is more important.
+pub trait Selector: Send + Sync + std::fmt::Debug {
+    /// How many of the newest queries the selector looks at.
+    fn window(&self) -> usize;
+    fn scores(&self, queries: &Tensor, prompt_keys: &Tensor, scale: f64) -> Result<Tensor>;
+}
+
+/// `(w, P)`: for each window query, the max over query heads of its scaled
+/// logits over the prompt keys, optionally softmax-normalised per head first.
+pub fn head_max_scores(queries: &Tensor, keys: &Tensor, scale: f64, softmax: bool) -> Result<Tensor> {
+    let (w, h, d) = queries.dims3()?;
+    let (kv_h, p, _) = keys.dims3()?;
+    if h % kv_h != 0 {
+        candle_core::bail!("query heads {h} are not a multiple of KV heads {kv_h}");
+    }
+    let g = h / kv_h;
+    let q = queries
+        .to_dtype(DType::F32)?
+        .transpose(0, 1)? // (h, w, d)
+        .contiguous()?
+        .reshape((kv_h, g * w, d))?;
+    let k = keys.to_dtype(DType::F32)?.contiguous()?;
+    let s = (q.matmul(&k.t()?)? * scale)?.reshape((h, w, p))?;
+    let s = if softmax { candle_nn::ops::softmax_last_dim(&s)? } else { s };
+    s.max(0)
+}
+
+/// Published default: raw scaled logits of the current query, max over heads.
+#[derive(Debug, Clone, Copy)]
+pub struct Last;
+
+impl Selector for Last {
+    fn window(&self) -> usize {
+        1
+    }
+    fn scores(&self, queries: &Tensor, keys: &Tensor, scale: f64) -> Result<Tensor> {
+        let n = queries.dim(0)?;
+        head_max_scores(&queries.narrow(0, n - 1, 1)?, keys, scale, false)?.squeeze(0)
+    }
+}
+
+/// Softmax over positions per head, then max over heads.
+#[derive(Debug, Clone, Copy)]
+pub struct SoftmaxBeforeLast;
+
+impl Selector for SoftmaxBeforeLast {
+    fn window(&self) -> usize {
+        1
+    }
+    fn scores(&self, queries: &Tensor, keys: &Tensor, scale: f64) -> Result<Tensor> {
+        let n = queries.dim(0)?;
+        head_max_scores(&queries.narrow(0, n - 1, 1)?, keys, scale, true)?.squeeze(0)
+    }
+}
+
+/// Observation window: `s_j = sum_i weight_i * max_h softmax_j(q_i . k_j)`;
+/// `uniform` weighs every query 1, `exp` weighs query `i` (0 = oldest of `w`)
+/// by `0.5^(w-1-i)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub size: usize,
+    pub exponential: bool,
+}
+
+impl Selector for Window {
+    fn window(&self) -> usize {
+        self.size
+    }
+    fn scores(&self, queries: &Tensor, keys: &Tensor, scale: f64) -> Result<Tensor> {
+        let w = queries.dim(0)?;
+        let p = head_max_scores(queries, keys, scale, true)?; // (w, P)
+        if !self.exponential {
+            return p.sum(0);
+        }
+        let weights: Vec<f32> = (0..w).map(|i| 0.5f32.powi((w - 1 - i) as i32)).collect();
+        let weights = Tensor::from_vec(weights, (w, 1), queries.device())?;
+        p.broadcast_mul(&weights)?.sum(0)
+    }
+}
+
+pub fn make_selector(kind: SelectorKind, window_size: usize) -> Box<dyn Selector> {
+    match kind {
+        SelectorKind::Last => Box::new(Last),
+        SelectorKind::SoftmaxBeforeLast => Box::new(SoftmaxBeforeLast),
+        SelectorKind::Uniform => Box::new(Window { size: window_size, exponential: false }),
+        SelectorKind::Exp => Box::new(Window { size: window_size, exponential: true }),
+    }
+}
+
+/// Indices of the `k` largest scores, ascending. Ties go to the earlier
+/// position; NaN ranks lowest. Partial selection, no full sort of all scores.
+pub fn top_k_sorted(scores: &[f32], k: usize) -> Vec<u32> {
+    let k = k.min(scores.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let key = |i: u32| {
+        let s = scores[i as usize];
+        if s.is_nan() { f32::NEG_INFINITY } else { s }
+    };
+    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+        idx.truncate(k);
+    }
+    idx.sort_unstable();
+    idx
+}
+
+/// The whole selection for one sequence at one decode step.
+///
+/// * `queries`: `(w', h, d)`, the newest `w' <= selector.window()` queries,
+///   the current token's last;
+/// * `prompt_keys`: `(kv_h, P, d)`;
+/// * `decoded`: how many generated positions (the current one included) the
+///   window holds so far.
+///
+/// Returns the sorted prompt positions to attend. While a window selector's
+/// window still reaches into the prompt (`decoded < w`), the last `w - decoded`
+/// prompt positions are kept and `k` shrinks by as many (at least 1), as the
+/// spec's prompt-tail rule says.
+pub fn select(
+    selector: &dyn Selector,
+    queries: &Tensor,
+    prompt_keys: &Tensor,
+    scale: f64,
+    k: usize,
+    decoded: usize,
+) -> Result<Vec<u32>> {
+    let p = prompt_keys.dim(1)?;
+    if k >= p {
+        return Ok((0..p as u32).collect());
+    }
+    let kept = if selector.window() > 1 {
+        selector.window().saturating_sub(decoded).min(p)
+    } else {
+        0
+    };
+    if kept == p {
+        return Ok((0..p as u32).collect());
+    }
+    let rest = p - kept;
+    let scores: Vec<f32> = selector.scores(queries, prompt_keys, scale)?.to_vec1()?;
+    let mut out = top_k_sorted(&scores[..rest], k.saturating_sub(kept).max(1));
+    out.extend(rest as u32..p as u32);
+    Ok(out)
+}
