@@ -108,3 +108,153 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     p.matmul(&v)
 }
+
+/// Dot product in f32, accumulated four products at a time. The summation
+/// order is fixed (and the same as mistral.rs's CPU attention kernel), so the
+/// dense path reproduces the stock cache's logits bit for bit.
+#[inline]
+fn dot4(a: &[f32], b: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    let chunks = a.len() / 4;
+    for i in 0..chunks {
+        let j = i * 4;
+        sum += a[j] * b[j] + a[j + 1] * b[j + 1] + a[j + 2] * b[j + 2] + a[j + 3] * b[j + 3];
+    }
+    for j in chunks * 4..a.len() {
+        sum += a[j] * b[j];
+    }
+    sum
+}
+
+/// Running state of a streaming softmax over key positions.
+#[derive(Clone)]
+struct Online {
+    acc: Vec<f32>,
+    sum: f32,
+    max: f32,
+}
+
+impl Online {
+    fn new(d: usize) -> Self {
+        Self { acc: vec![0.0; d], sum: 0.0, max: f32::NEG_INFINITY }
+    }
+
+    /// Add one key with logit `s` and value row `v`.
+    #[inline]
+    fn push(&mut self, s: f32, v: &[f32]) {
+        let mut ms = 1.0f32;
+        let mut vs = 1.0f32;
+        if s > self.max {
+            let old = self.max;
+            self.max = s;
+            ms = (old - s).exp();
+            self.acc.iter_mut().for_each(|a| *a *= ms);
+        } else {
+            vs = (s - self.max).exp();
+        }
+        for (a, x) in self.acc.iter_mut().zip(v) {
+            *a += x * vs;
+        }
+        self.sum = self.sum * ms + vs;
+    }
+
+    /// Merge a later block of keys into this one.
+    fn merge(&mut self, other: &Online) {
+        if self.max >= other.max {
+            let f = (other.max - self.max).exp();
+            for (a, b) in self.acc.iter_mut().zip(&other.acc) {
+                *a += b * f;
+            }
+            self.sum += other.sum * f;
+        } else {
+            let f = (self.max - other.max).exp();
+            for (a, b) in self.acc.iter_mut().zip(&other.acc) {
+                *a = b + *a * f;
+            }
+            self.sum = other.sum + self.sum * f;
+            self.max = other.max;
+        }
+    }
+
+    fn finish(&self, out: &mut [f32]) {
+        let inv = 1.0 / self.sum;
+        for (o, a) in out.iter_mut().zip(&self.acc) {
+            *o = a * inv;
+        }
+    }
+}
+
+/// Keys per block of a decode step (blocks run in parallel, then merge in order).
+const DECODE_TILE: usize = 16;
+
+fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Causal attention with a streaming (online) softmax, computed in f32 with a
+/// fixed summation order: prompt rows stream over their visible keys in
+/// order; a decode step streams over blocks of [`DECODE_TILE`] keys in
+/// parallel and merges the blocks in order. Same shapes and contract as
+/// [`causal_attention`]; this is the exact dense path (identical logits to the
+/// stock cache), [`causal_attention`] the blocked-matmul alternative.
+pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, h, s, d) = q.dims4()?;
+    let (_, kv_h, n, _) = k.dims4()?;
+    if h % kv_h != 0 {
+        candle_core::bail!("query heads {h} are not a multiple of KV heads {kv_h}");
+    }
+    if n < s {
+        candle_core::bail!("{n} cached keys cannot hold {s} new positions");
+    }
+    let g = h / kv_h;
+    let past = n - s;
+    let scale = scale as f32;
+    let (qv, kv, vv) = (to_f32_vec(q)?, to_f32_vec(k)?, to_f32_vec(v)?);
+    fn row(t: &[f32], d: usize, bi: usize, head: usize, pos: usize, heads: usize, len: usize) -> &[f32] {
+        let base = ((bi * heads + head) * len + pos) * d;
+        &t[base..base + d]
+    }
+    let mut out = vec![0f32; b * h * s * d];
+    if s == 1 {
+        let tiles = n.div_ceil(DECODE_TILE);
+        let partial: Vec<Vec<Online>> = (0..tiles)
+            .into_par_iter()
+            .map(|t| {
+                let (start, end) = (t * DECODE_TILE, ((t + 1) * DECODE_TILE).min(n));
+                (0..b * h)
+                    .map(|bh| {
+                        let (bi, hi) = (bh / h, bh % h);
+                        let qr = row(&qv, d, bi, hi, 0, h, 1);
+                        let mut o = Online::new(d);
+                        for j in start..end {
+                            let logit = dot4(qr, row(&kv, d, bi, hi / g, j, kv_h, n)) * scale;
+                            o.push(logit, row(&vv, d, bi, hi / g, j, kv_h, n));
+                        }
+                        o
+                    })
+                    .collect()
+            })
+            .collect();
+        for bh in 0..b * h {
+            let mut acc = partial[0][bh].clone();
+            for tile in &partial[1..] {
+                acc.merge(&tile[bh]);
+            }
+            acc.finish(&mut out[bh * d..(bh + 1) * d]);
+        }
+    } else {
+        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+            let (bi, rem) = (r / (h * s), r % (h * s));
+            let (hi, qi) = (rem / s, rem % s);
+            let qr = row(&qv, d, bi, hi, qi, h, s);
+            let mut acc = Online::new(d);
+            for j in 0..=past + qi {
+                let logit = dot4(qr, row(&kv, d, bi, hi / g, j, kv_h, n)) * scale;
+                acc.push(logit, row(&vv, d, bi, hi / g, j, kv_h, n));
+            }
+            acc.finish(o);
+        });
+    }
+    Tensor::from_vec(out, (b, h, s, d), q.device())?.to_dtype(q.dtype())
+}

@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{Result, Tensor};
 use mistralrs_core::kv_backend::{AttentionInput, ForwardInfo, ForwardState, KvCache, KvCacheBackend};
 
-use crate::attention::causal_attention;
+use crate::attention::streaming_attention as dense_attention;
 use crate::config::OmniKvConfig;
 use crate::plan::{LayerPlan, LayerRole};
 use crate::selector::{make_selector, select, Selector};
@@ -148,7 +148,7 @@ impl KvCacheBackend for OmniKvBackend {
         let v = if keeps_queries { v_cached.narrow(3, 0, d)?.contiguous()? } else { v_cached.clone() };
 
         if !step.sparse {
-            return causal_attention(input.q, &k, &v, scale);
+            return dense_attention(input.q, &k, &v, scale);
         }
         let n = k.dim(2)?;
         match role {
@@ -167,7 +167,7 @@ impl KvCacheBackend for OmniKvBackend {
                     per_seq.push(select(&*self.selector, &queries, &keys, scale, budget, n - p)?);
                 }
                 step.selections[layer] = Some(per_seq);
-                causal_attention(input.q, &k, &v, scale)
+                dense_attention(input.q, &k, &v, scale)
             }
             LayerRole::Sparse { filter } => {
                 let Some(selection) = step.selections[filter].as_ref() else {
@@ -179,14 +179,14 @@ impl KvCacheBackend for OmniKvBackend {
                     let (qi, ki, vi) = (input.q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
                     if sel.len() >= p {
                         // The budget covers the whole prompt: plain dense attention.
-                        outs.push(causal_attention(&qi, &ki, &vi, scale)?);
+                        outs.push(dense_attention(&qi, &ki, &vi, scale)?);
                     } else {
                         outs.push(sparse_decode_attention(&qi, &ki, &vi, &attended_rows(sel, p, n), scale)?);
                     }
                 }
                 Tensor::cat(&outs, 0)
             }
-            LayerRole::PreFilterDense | LayerRole::WaitLoad { .. } => causal_attention(input.q, &k, &v, scale),
+            LayerRole::PreFilterDense | LayerRole::WaitLoad { .. } => dense_attention(input.q, &k, &v, scale),
         }
     }
 }

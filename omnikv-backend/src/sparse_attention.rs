@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::attention::causal_attention;
+use crate::attention::streaming_attention;
 
 /// Rows one sequence attends to: the sorted prompt selection, then every
 /// generated position `prompt_len .. n`.
@@ -27,7 +27,7 @@ pub fn attended_rows(selection: &[u32], prompt_len: usize, n: usize) -> Vec<u32>
 /// Returns `(1, h, 1, d)`. The softmax runs over the attended rows only.
 pub fn sparse_decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &[u32], scale: f64) -> Result<Tensor> {
     let idx = Tensor::from_slice(rows, rows.len(), k.device())?;
-    causal_attention(q, &gather_rows(k, &idx)?, &gather_rows(v, &idx)?, scale)
+    streaming_attention(q, &gather_rows(k, &idx)?, &gather_rows(v, &idx)?, scale)
 }
 
 /// `(1, kv_h, n, d)` -> `(1, kv_h, rows, d)`. The cache hands out a view of

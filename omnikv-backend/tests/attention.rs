@@ -2,7 +2,7 @@
 //! heads, full score matrix, explicit mask).
 
 use candle_core::{DType, Device, Tensor};
-use omnikv_backend::attention::{causal_attention, reference_attention, QUERY_CHUNK};
+use omnikv_backend::attention::{causal_attention, reference_attention, streaming_attention, QUERY_CHUNK};
 
 struct Case {
     head_dim: usize,
@@ -32,11 +32,15 @@ fn chunked_attention_matches_reference() {
         let k = Tensor::randn(0f32, 1.0, (c.batch, c.kv_heads, n, c.head_dim), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (c.batch, c.kv_heads, n, c.head_dim), &dev).unwrap();
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let got = causal_attention(&q, &k, &v, scale).unwrap();
         let want = reference_attention(&q, &k, &v, scale).unwrap();
-        assert_eq!(got.dims(), want.dims());
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-4, "d={} kv={} g={} past={} new={} b={}: max diff {diff}", c.head_dim, c.kv_heads, c.group, c.past, c.new, c.batch);
+        for (name, got) in [
+            ("blocked matmul", causal_attention(&q, &k, &v, scale).unwrap()),
+            ("streaming", streaming_attention(&q, &k, &v, scale).unwrap()),
+        ] {
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{name}: d={} kv={} g={} past={} new={} b={}: max diff {diff}", c.head_dim, c.kv_heads, c.group, c.past, c.new, c.batch);
+        }
     }
 }
 
