@@ -164,6 +164,7 @@ impl Server {
                 .to_string(),
             prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
             completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
+            prompt_time_sec: v["usage"]["total_prompt_time_sec"].as_f64().unwrap_or(0.0),
         })
     }
 }
@@ -175,11 +176,13 @@ impl Drop for Server {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub text: String,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Time the server spent on the prompt (its `usage.total_prompt_time_sec`).
+    pub prompt_time_sec: f64,
 }
 
 /// Minimal HTTP/1.1 client (loopback only): one request per connection.
@@ -251,7 +254,10 @@ pub fn run_cli(args: &[&str], timeout: Duration) -> Result<Output> {
     while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("`mistralrs {}` did not exit within {timeout:?}", args.join(" "));
+            bail!(
+                "`mistralrs {}` did not exit within {timeout:?}",
+                args.join(" ")
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

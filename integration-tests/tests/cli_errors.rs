@@ -97,13 +97,22 @@ fn bad_cli_input_fails_cleanly() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut failures = Vec::new();
     for (i, case) in CASES.iter().enumerate() {
-        let mut args: Vec<String> = vec!["serve".into(), "-p".into(), "0".into(), "--host".into(), "127.0.0.1".into()];
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "-p".into(),
+            "0".into(),
+            "--host".into(),
+            "127.0.0.1".into(),
+        ];
         if let Some(b) = case.backend {
             args.extend(["--kv-cache".into(), b.into()]);
         }
         match case.config {
             None => {}
-            Some(None) => args.extend(["--kv-cache-config".into(), dir.join("does-not-exist.json").display().to_string()]),
+            Some(None) => args.extend([
+                "--kv-cache-config".into(),
+                dir.join("does-not-exist.json").display().to_string(),
+            ]),
             Some(Some(bytes)) => {
                 let path = dir.join(format!("case-{i}.json"));
                 std::fs::write(&path, bytes).unwrap();

@@ -9,7 +9,11 @@ use integration_tests::root;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run command");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
@@ -28,9 +32,15 @@ fn prepare_is_idempotent_and_reproduces_host() {
     }
     let prepare = || run(Command::new("bash").arg(tmp.join("scripts/prepare-host.sh")));
     let first = prepare();
-    assert!(first.contains("mistralrs-core 0.8.1 prepared with 2 patches"), "{first}");
+    assert!(
+        first.contains("mistralrs-core 0.8.1 prepared with 2 patches"),
+        "{first}"
+    );
     let second = prepare();
-    assert!(second.contains("mistralrs-core up to date") && !second.contains("prepared with"), "{second}");
+    assert!(
+        second.contains("mistralrs-core up to date") && !second.contains("prepared with"),
+        "{second}"
+    );
     for c in ["mistralrs-core", "mistralrs-cli", "mistralrs-server-core"] {
         let out = Command::new("diff")
             .args(["-r", "-q", "-x", ".prepared", "-x", "target"])
@@ -46,10 +56,20 @@ fn prepare_is_idempotent_and_reproduces_host() {
     }
     // A patch that no longer applies stops the script with its name.
     let broken = tmp.join("patches/mistralrs-core/0003-broken.patch");
-    std::fs::write(&broken, "--- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1,1 +1,1 @@\n-this line is not in lib.rs\n+x\n").unwrap();
-    let out = Command::new("bash").arg(tmp.join("scripts/prepare-host.sh")).output().unwrap();
+    std::fs::write(
+        &broken,
+        "--- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1,1 +1,1 @@\n-this line is not in lib.rs\n+x\n",
+    )
+    .unwrap();
+    let out = Command::new("bash")
+        .arg(tmp.join("scripts/prepare-host.sh"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("0003-broken.patch does not apply"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("0003-broken.patch does not apply"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -57,8 +77,13 @@ fn prepare_is_idempotent_and_reproduces_host() {
 fn no_upstream_source_is_tracked() {
     let files = run(Command::new("git").arg("-C").arg(root()).args(["ls-files"]));
     for f in files.lines() {
-        assert!(!f.starts_with("host/"), "prepared host source is tracked: {f}");
-        let upstream_like = f.ends_with("kv_cache/mod.rs") || f.ends_with("pipeline/gguf.rs") || f.ends_with("models/quantized_llama.rs");
+        assert!(
+            !f.starts_with("host/"),
+            "prepared host source is tracked: {f}"
+        );
+        let upstream_like = f.ends_with("kv_cache/mod.rs")
+            || f.ends_with("pipeline/gguf.rs")
+            || f.ends_with("models/quantized_llama.rs");
         assert!(!upstream_like, "looks like an upstream source file: {f}");
     }
 }
@@ -68,9 +93,16 @@ fn pinned_host_matches_patch_set() {
     let version = std::fs::read_to_string(root().join("patches/HOST_VERSION")).unwrap();
     let version = version.trim();
     let lock = std::fs::read_to_string(root().join("Cargo.lock")).unwrap();
-    for krate in ["mistralrs-core", "mistralrs-cli", "mistralrs-server-core", "mistralrs-quant"] {
+    for krate in [
+        "mistralrs-core",
+        "mistralrs-cli",
+        "mistralrs-server-core",
+        "mistralrs-quant",
+    ] {
         let entry = format!("name = \"{krate}\"\nversion = \"");
-        let at = lock.find(&entry).unwrap_or_else(|| panic!("{krate} not in Cargo.lock"));
+        let at = lock
+            .find(&entry)
+            .unwrap_or_else(|| panic!("{krate} not in Cargo.lock"));
         let v = &lock[at + entry.len()..];
         let v = &v[..v.find('"').unwrap()];
         assert_eq!(
@@ -79,5 +111,8 @@ fn pinned_host_matches_patch_set() {
         );
     }
     let pin = std::fs::read_to_string(root().join("host-pin/Cargo.toml")).unwrap();
-    assert!(pin.contains(&format!("mistralrs-core = \"={version}\"")), "host-pin/Cargo.toml must pin ={version}");
+    assert!(
+        pin.contains(&format!("mistralrs-core = \"={version}\"")),
+        "host-pin/Cargo.toml must pin ={version}"
+    );
 }

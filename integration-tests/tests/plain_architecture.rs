@@ -9,17 +9,34 @@ use integration_tests::{root, serial, Server};
 fn safetensors_model_loads_as_llama_omnikv() {
     let _guard = serial();
     let dir = root().join("omnikv-backend/tests/fixtures/tiny-llama31");
-    let model = vec!["--dtype".to_string(), "f32".into(), "-m".into(), dir.display().to_string()];
+    let model = vec![
+        "--dtype".to_string(),
+        "f32".into(),
+        "-m".into(),
+        dir.display().to_string(),
+    ];
     let config = std::env::temp_dir().join(format!("omnikv-tiny-{}.json", std::process::id()));
-    std::fs::write(&config, r#"{"do_select_layers": "1", "num_of_selected_tokens": 1.0}"#).unwrap();
+    std::fs::write(
+        &config,
+        r#"{"do_select_layers": "1", "num_of_selected_tokens": 1.0}"#,
+    )
+    .unwrap();
     let prompts = ["t5 t9 t33 t100 t7 t250 t18", "t40 t41 t42 t43", "t200"];
     let mut outputs = Vec::new();
-    for (backend, extra) in [("default", vec![]), ("omnikv", vec!["--kv-cache-config", config.to_str().unwrap()])] {
+    for (backend, extra) in [
+        ("default", vec![]),
+        (
+            "omnikv",
+            vec!["--kv-cache-config", config.to_str().unwrap()],
+        ),
+    ] {
         let server = Server::start_model(backend, &extra, &model).expect("server starts");
         let texts: Vec<String> = prompts
             .iter()
             .map(|p| {
-                let c = server.chat(p, 12).unwrap_or_else(|e| panic!("{backend}: {e}\n{}", server.log_tail()));
+                let c = server
+                    .chat(p, 12)
+                    .unwrap_or_else(|e| panic!("{backend}: {e}\n{}", server.log_tail()));
                 assert!(c.completion_tokens > 0, "{backend}: no tokens for {p:?}");
                 c.text
             })
@@ -34,5 +51,8 @@ fn safetensors_model_loads_as_llama_omnikv() {
         outputs.push(texts);
     }
     let _ = std::fs::remove_file(&config);
-    assert_eq!(outputs[0], outputs[1], "stock Llama (default) vs llama_omnikv (omnikv) greedy outputs");
+    assert_eq!(
+        outputs[0], outputs[1],
+        "stock Llama (default) vs llama_omnikv (omnikv) greedy outputs"
+    );
 }

@@ -26,7 +26,9 @@ fn check_backend(backend: &str, extra: &[&str]) {
             "{backend}: prompt token count for {:?}",
             &prompt[..prompt.len().min(40)]
         );
-        if got.text != want || got.completion_tokens != case["completion_tokens"].as_u64().unwrap() as usize {
+        if got.text != want
+            || got.completion_tokens != case["completion_tokens"].as_u64().unwrap() as usize
+        {
             failures.push(format!(
                 "prompt ({} tokens) {:?}:\n  stock:  {want:?}\n  {backend}: {:?}",
                 got.prompt_tokens,
@@ -35,7 +37,11 @@ fn check_backend(backend: &str, extra: &[&str]) {
             ));
         }
     }
-    assert!(failures.is_empty(), "{backend} differs from stock mistral.rs 0.8.1:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{backend} differs from stock mistral.rs 0.8.1:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -45,6 +51,7 @@ fn default_backend_matches_stock_mistralrs() {
 
 #[test]
 fn omnikv_full_budget_matches_stock_mistralrs() {
-    let config = integration_tests::root().join("integration-tests/fixtures/omnikv-full-budget.json");
+    let config =
+        integration_tests::root().join("integration-tests/fixtures/omnikv-full-budget.json");
     check_backend("omnikv", &["--kv-cache-config", config.to_str().unwrap()]);
 }

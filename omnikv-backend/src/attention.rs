@@ -20,7 +20,15 @@ pub const QUERY_CHUNK: usize = 256;
 pub fn causal_mask(s: usize, past: usize, device: &Device) -> Result<Tensor> {
     let n = past + s;
     let mask: Vec<f32> = (0..s)
-        .flat_map(|i| (0..n).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..n).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (s, n), device)
 }
@@ -47,13 +55,16 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     let k = k.to_dtype(DType::F32)?.contiguous()?;
     let v = v.to_dtype(DType::F32)?.contiguous()?;
     let kt = k.transpose(2, 3)?.contiguous()?; // (b, kv_h, d, n)
-    // (b, kv_h, g, s, d): the g query heads of one KV head side by side.
+                                               // (b, kv_h, g, s, d): the g query heads of one KV head side by side.
     let q = q.to_dtype(DType::F32)?.reshape((b, kv_h, g, s, d))?;
     let mut outs = Vec::with_capacity(s.div_ceil(QUERY_CHUNK));
     let mut start = 0;
     while start < s {
         let c = QUERY_CHUNK.min(s - start);
-        let qc = q.narrow(3, start, c)?.contiguous()?.reshape((b, kv_h, g * c, d))?;
+        let qc = q
+            .narrow(3, start, c)?
+            .contiguous()?
+            .reshape((b, kv_h, g * c, d))?;
         let scores = (qc.matmul(&kt)? * scale)?; // (b, kv_h, g*c, n)
         let scores = if s > 1 {
             // Query start+i sees keys 0 ..= past+start+i.
@@ -136,7 +147,11 @@ struct Online {
 
 impl Online {
     fn new(d: usize) -> Self {
-        Self { acc: vec![0.0; d], sum: 0.0, max: f32::NEG_INFINITY }
+        Self {
+            acc: vec![0.0; d],
+            sum: 0.0,
+            max: f32::NEG_INFINITY,
+        }
     }
 
     /// Add one key with logit `s` and value row `v`.
@@ -188,7 +203,10 @@ impl Online {
 const DECODE_TILE: usize = 16;
 
 fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()
+    t.to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()
 }
 
 /// Causal attention with a streaming (online) softmax, computed in f32 with a
@@ -211,7 +229,15 @@ pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
     let past = n - s;
     let scale = scale as f32;
     let (qv, kv, vv) = (to_f32_vec(q)?, to_f32_vec(k)?, to_f32_vec(v)?);
-    fn row(t: &[f32], d: usize, bi: usize, head: usize, pos: usize, heads: usize, len: usize) -> &[f32] {
+    fn row(
+        t: &[f32],
+        d: usize,
+        bi: usize,
+        head: usize,
+        pos: usize,
+        heads: usize,
+        len: usize,
+    ) -> &[f32] {
         let base = ((bi * heads + head) * len + pos) * d;
         &t[base..base + d]
     }

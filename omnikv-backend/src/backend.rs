@@ -17,7 +17,9 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{Result, Tensor};
-use mistralrs_core::kv_backend::{AttentionInput, ForwardInfo, ForwardState, KvCache, KvCacheBackend};
+use mistralrs_core::kv_backend::{
+    AttentionInput, ForwardInfo, ForwardState, KvCache, KvCacheBackend,
+};
 
 use crate::attention::streaming_attention as dense_attention;
 use crate::config::OmniKvConfig;
@@ -46,7 +48,8 @@ pub struct Step {
 
 impl OmniKvBackend {
     pub fn new(config: OmniKvConfig) -> Self {
-        let selector: Arc<dyn Selector> = Arc::from(make_selector(config.selector, config.window_size));
+        let selector: Arc<dyn Selector> =
+            Arc::from(make_selector(config.selector, config.window_size));
         Self {
             config: Arc::new(config),
             selector,
@@ -116,6 +119,13 @@ impl KvCacheBackend for OmniKvBackend {
 
     fn begin_forward(&self, info: &ForwardInfo<'_>) -> Result<ForwardState> {
         self.plan(info.num_layers)?;
+        tracing::trace!(
+            "omnikv pass: batch {} x {} tokens, offsets {:?}, prompt lengths {:?}",
+            info.batch_size,
+            info.seq_len,
+            info.seqlen_offsets,
+            info.prompt_lens
+        );
         let (sparse, prompt_lens) = match &info.prompt_lens {
             Some(lens) if !info.is_prefill() => (true, lens.clone()),
             _ => (false, Vec::new()),
@@ -127,7 +137,12 @@ impl KvCacheBackend for OmniKvBackend {
         }))
     }
 
-    fn attention(&self, input: &AttentionInput<'_>, cache: &mut KvCache, state: &mut ForwardState) -> Result<Tensor> {
+    fn attention(
+        &self,
+        input: &AttentionInput<'_>,
+        cache: &mut KvCache,
+        state: &mut ForwardState,
+    ) -> Result<Tensor> {
         let Some(step) = state.downcast_mut::<Step>() else {
             candle_core::bail!("omnikv: the forward pass was not started by this backend");
         };
@@ -145,7 +160,11 @@ impl KvCacheBackend for OmniKvBackend {
         } else {
             cache.append(input.k, input.v)?
         };
-        let v = if keeps_queries { v_cached.narrow(3, 0, d)?.contiguous()? } else { v_cached.clone() };
+        let v = if keeps_queries {
+            v_cached.narrow(3, 0, d)?.contiguous()?
+        } else {
+            v_cached.clone()
+        };
 
         if !step.sparse {
             return dense_attention(input.q, &k, &v, scale);
@@ -160,12 +179,27 @@ impl KvCacheBackend for OmniKvBackend {
                     let keys = k.get(i)?.narrow(1, 0, p)?; // (kv_h, P, d)
                     let queries = if keeps_queries {
                         let w = self.selector.window().min(n);
-                        ungroup_queries(&v_cached.get(i)?.narrow(1, n - w, w)?.narrow(2, d, v_cached.dim(3)? - d)?, d)?
+                        ungroup_queries(
+                            &v_cached.get(i)?.narrow(1, n - w, w)?.narrow(
+                                2,
+                                d,
+                                v_cached.dim(3)? - d,
+                            )?,
+                            d,
+                        )?
                     } else {
                         input.q.get(i)?.transpose(0, 1)? // (1, h, d)
                     };
-                    per_seq.push(select(&*self.selector, &queries, &keys, scale, budget, n - p)?);
+                    per_seq.push(select(
+                        &*self.selector,
+                        &queries,
+                        &keys,
+                        scale,
+                        budget,
+                        n - p,
+                    )?);
                 }
+                tracing::trace!("omnikv layer {layer}: selected {per_seq:?} of {n} rows");
                 step.selections[layer] = Some(per_seq);
                 dense_attention(input.q, &k, &v, scale)
             }
@@ -176,17 +210,29 @@ impl KvCacheBackend for OmniKvBackend {
                 let mut outs = Vec::with_capacity(b);
                 for (i, sel) in selection.iter().enumerate() {
                     let p = step.prompt_lens[i].min(n);
-                    let (qi, ki, vi) = (input.q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+                    let (qi, ki, vi) = (
+                        input.q.narrow(0, i, 1)?,
+                        k.narrow(0, i, 1)?,
+                        v.narrow(0, i, 1)?,
+                    );
                     if sel.len() >= p {
                         // The budget covers the whole prompt: plain dense attention.
                         outs.push(dense_attention(&qi, &ki, &vi, scale)?);
                     } else {
-                        outs.push(sparse_decode_attention(&qi, &ki, &vi, &attended_rows(sel, p, n), scale)?);
+                        outs.push(sparse_decode_attention(
+                            &qi,
+                            &ki,
+                            &vi,
+                            &attended_rows(sel, p, n),
+                            scale,
+                        )?);
                     }
                 }
                 Tensor::cat(&outs, 0)
             }
-            LayerRole::PreFilterDense | LayerRole::WaitLoad { .. } => dense_attention(input.q, &k, &v, scale),
+            LayerRole::PreFilterDense | LayerRole::WaitLoad { .. } => {
+                dense_attention(input.q, &k, &v, scale)
+            }
         }
     }
 }

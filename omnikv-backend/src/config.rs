@@ -157,7 +157,10 @@ impl OmniKvConfigFile {
         let Some(map) = value.as_object() else {
             return (
                 Self::default(),
-                vec![format!("the config must be a JSON object, got {}", short(value))],
+                vec![format!(
+                    "the config must be a JSON object, got {}",
+                    short(value)
+                )],
             );
         };
         let mut e = Vec::new();
@@ -228,7 +231,10 @@ fn parse_layers(v: &Value, errors: &mut Vec<String>) -> Option<Vec<usize>> {
     let raw: Vec<Result<u64, String>> = match v {
         Value::String(s) => {
             if s.trim().is_empty() {
-                errors.push(format!("`do_select_layers` = {}: expected {what}, got an empty list", short(v)));
+                errors.push(format!(
+                    "`do_select_layers` = {}: expected {what}, got an empty list",
+                    short(v)
+                ));
                 return None;
             }
             s.split(',')
@@ -237,13 +243,20 @@ fn parse_layers(v: &Value, errors: &mut Vec<String>) -> Option<Vec<usize>> {
         }
         Value::Array(a) => {
             if a.is_empty() {
-                errors.push(format!("`do_select_layers` = []: expected {what}, got an empty list"));
+                errors.push(format!(
+                    "`do_select_layers` = []: expected {what}, got an empty list"
+                ));
                 return None;
             }
-            a.iter().map(|x| x.as_u64().ok_or_else(|| x.to_string())).collect()
+            a.iter()
+                .map(|x| x.as_u64().ok_or_else(|| x.to_string()))
+                .collect()
         }
         _ => {
-            errors.push(format!("`do_select_layers` = {}: expected {what}", short(v)));
+            errors.push(format!(
+                "`do_select_layers` = {}: expected {what}",
+                short(v)
+            ));
             return None;
         }
     };
@@ -252,11 +265,17 @@ fn parse_layers(v: &Value, errors: &mut Vec<String>) -> Option<Vec<usize>> {
         match r {
             Ok(n) if n < MAX_LAYERS => out.push(n as usize),
             Ok(n) => {
-                errors.push(format!("`do_select_layers`: layer {n} is out of range (at most {})", MAX_LAYERS - 1));
+                errors.push(format!(
+                    "`do_select_layers`: layer {n} is out of range (at most {})",
+                    MAX_LAYERS - 1
+                ));
                 return None;
             }
             Err(bad) => {
-                errors.push(format!("`do_select_layers` = {}: `{bad}` is not a layer index; expected {what}", short(v)));
+                errors.push(format!(
+                    "`do_select_layers` = {}: `{bad}` is not a layer index; expected {what}",
+                    short(v)
+                ));
                 return None;
             }
         }
@@ -294,7 +313,9 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
         let mut e = Vec::new();
         let cpu_num_threads = f.cpu_num_threads.unwrap_or(8);
         if cpu_num_threads == 0 || cpu_num_threads > MAX_THREADS {
-            e.push(format!("`cpu_num_threads` = {cpu_num_threads}: expected 1..={MAX_THREADS}"));
+            e.push(format!(
+                "`cpu_num_threads` = {cpu_num_threads}: expected 1..={MAX_THREADS}"
+            ));
         }
         let use_chat_template = f.use_chat_template.unwrap_or(false);
         let cot = f.cot.unwrap_or(false);
@@ -303,9 +324,15 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
         }
         let max_context_len = f.max_context_len.unwrap_or(128_500);
         if max_context_len == 0 || max_context_len > u32::MAX as u64 {
-            e.push(format!("`max_context_len` = {max_context_len}: expected 1..={}", u32::MAX));
+            e.push(format!(
+                "`max_context_len` = {max_context_len}: expected 1..={}",
+                u32::MAX
+            ));
         }
-        for (key, on) in [("load_in_8bit", f.load_in_8bit), ("load_in_4bit", f.load_in_4bit)] {
+        for (key, on) in [
+            ("load_in_8bit", f.load_in_8bit),
+            ("load_in_4bit", f.load_in_4bit),
+        ] {
             if on == Some(true) {
                 e.push(format!("`{key}` = true: bitsandbytes loading is not supported; quantize with a GGUF file or mistral.rs in-situ quantization (`--isq`) instead, and set `{key}` to false"));
             }
@@ -313,7 +340,9 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
         for (key, v) in [("model_cls", &f.model_cls), ("cache_cls", &f.cache_cls)] {
             if let Some(v) = v {
                 if v != "multi" {
-                    e.push(format!("`{key}` = \"{v}\": only \"multi\" (OmniKV) is supported"));
+                    e.push(format!(
+                        "`{key}` = \"{v}\": only \"multi\" (OmniKV) is supported"
+                    ));
                 }
             }
         }
@@ -326,10 +355,15 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
         };
         let num_wait_load_layers = f.num_wait_load_layers.unwrap_or(1);
         if num_wait_load_layers >= MAX_LAYERS {
-            e.push(format!("`num_wait_load_layers` = {num_wait_load_layers}: expected 0..{MAX_LAYERS}"));
+            e.push(format!(
+                "`num_wait_load_layers` = {num_wait_load_layers}: expected 0..{MAX_LAYERS}"
+            ));
         }
         if f.dense_more == Some(false) {
-            e.push("`dense_more` = false: only true is supported (wait-load layers attend densely)".into());
+            e.push(
+                "`dense_more` = false: only true is supported (wait-load layers attend densely)"
+                    .into(),
+            );
         }
         let budget = match &f.num_of_selected_tokens {
             Some(n) => parse_budget(n, &mut e),
@@ -341,7 +375,10 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
             Some("uniform") => Some(SelectorKind::Uniform),
             Some("exp") => Some(SelectorKind::Exp),
             Some(other) => {
-                e.push(format!("`selector_cls` = \"{other}\": expected one of {}", SelectorKind::ALLOWED));
+                e.push(format!(
+                    "`selector_cls` = \"{other}\": expected one of {}",
+                    SelectorKind::ALLOWED
+                ));
                 None
             }
         };

@@ -16,7 +16,9 @@ pub mod sparse_attention;
 
 use std::sync::{Arc, Once};
 
-use mistralrs_core::kv_backend::{register_architecture, register_kv_cache_backend, KvCacheBackend};
+use mistralrs_core::kv_backend::{
+    register_architecture, register_kv_cache_backend, KvCacheBackend,
+};
 
 pub use backend::{OmniKvBackend, BACKEND_NAME};
 pub use config::{OmniKvConfig, OmniKvConfigFile};

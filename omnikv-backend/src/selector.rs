@@ -21,7 +21,12 @@ pub trait Selector: Send + Sync + std::fmt::Debug {
 
 /// `(w, P)`: for each window query, the max over query heads of its scaled
 /// logits over the prompt keys, optionally softmax-normalised per head first.
-pub fn head_max_scores(queries: &Tensor, keys: &Tensor, scale: f64, softmax: bool) -> Result<Tensor> {
+pub fn head_max_scores(
+    queries: &Tensor,
+    keys: &Tensor,
+    scale: f64,
+    softmax: bool,
+) -> Result<Tensor> {
     let (w, h, d) = queries.dims3()?;
     let (kv_h, p, _) = keys.dims3()?;
     if h % kv_h != 0 {
@@ -35,7 +40,11 @@ pub fn head_max_scores(queries: &Tensor, keys: &Tensor, scale: f64, softmax: boo
         .reshape((kv_h, g * w, d))?;
     let k = keys.to_dtype(DType::F32)?.contiguous()?;
     let s = (q.matmul(&k.t()?)? * scale)?.reshape((h, w, p))?;
-    let s = if softmax { candle_nn::ops::softmax_last_dim(&s)? } else { s };
+    let s = if softmax {
+        candle_nn::ops::softmax_last_dim(&s)?
+    } else {
+        s
+    };
     s.max(0)
 }
 
@@ -96,8 +105,14 @@ pub fn make_selector(kind: SelectorKind, window_size: usize) -> Box<dyn Selector
     match kind {
         SelectorKind::Last => Box::new(Last),
         SelectorKind::SoftmaxBeforeLast => Box::new(SoftmaxBeforeLast),
-        SelectorKind::Uniform => Box::new(Window { size: window_size, exponential: false }),
-        SelectorKind::Exp => Box::new(Window { size: window_size, exponential: true }),
+        SelectorKind::Uniform => Box::new(Window {
+            size: window_size,
+            exponential: false,
+        }),
+        SelectorKind::Exp => Box::new(Window {
+            size: window_size,
+            exponential: true,
+        }),
     }
 }
 
@@ -110,7 +125,11 @@ pub fn top_k_sorted(scores: &[f32], k: usize) -> Vec<u32> {
     }
     let key = |i: u32| {
         let s = scores[i as usize];
-        if s.is_nan() { f32::NEG_INFINITY } else { s }
+        if s.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            s
+        }
     };
     let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
     if k < idx.len() {

@@ -25,7 +25,13 @@ pub fn attended_rows(selection: &[u32], prompt_len: usize, n: usize) -> Vec<u32>
 /// * `rows`: ascending cache rows to attend (see [`attended_rows`]).
 ///
 /// Returns `(1, h, 1, d)`. The softmax runs over the attended rows only.
-pub fn sparse_decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows: &[u32], scale: f64) -> Result<Tensor> {
+pub fn sparse_decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rows: &[u32],
+    scale: f64,
+) -> Result<Tensor> {
     let idx = Tensor::from_slice(rows, rows.len(), k.device())?;
     streaming_attention(q, &gather_rows(k, &idx)?, &gather_rows(v, &idx)?, scale)
 }
@@ -38,7 +44,11 @@ pub fn gather_rows(t: &Tensor, idx: &Tensor) -> Result<Tensor> {
     let heads = (0..t.dim(0)?)
         .map(|h| {
             let block = t.get(h)?;
-            let block = if block.is_contiguous() { block } else { block.contiguous()? };
+            let block = if block.is_contiguous() {
+                block
+            } else {
+                block.contiguous()?
+            };
             block.index_select(idx, 0)
         })
         .collect::<Result<Vec<_>>>()?;

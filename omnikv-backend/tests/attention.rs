@@ -2,7 +2,9 @@
 //! heads, full score matrix, explicit mask).
 
 use candle_core::{DType, Device, Tensor};
-use omnikv_backend::attention::{causal_attention, reference_attention, streaming_attention, QUERY_CHUNK};
+use omnikv_backend::attention::{
+    causal_attention, reference_attention, streaming_attention, QUERY_CHUNK,
+};
 
 struct Case {
     head_dim: usize,
@@ -14,12 +16,54 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { head_dim: 64, kv_heads: 3, group: 3, past: 0, new: 37, batch: 1 },
-    Case { head_dim: 64, kv_heads: 3, group: 3, past: 100, new: 1, batch: 1 },
-    Case { head_dim: 128, kv_heads: 2, group: 4, past: 0, new: QUERY_CHUNK + 45, batch: 1 },
-    Case { head_dim: 32, kv_heads: 4, group: 1, past: 17, new: 9, batch: 2 },
-    Case { head_dim: 16, kv_heads: 1, group: 8, past: 300, new: QUERY_CHUNK * 2, batch: 1 },
-    Case { head_dim: 64, kv_heads: 8, group: 4, past: 511, new: 1, batch: 3 },
+    Case {
+        head_dim: 64,
+        kv_heads: 3,
+        group: 3,
+        past: 0,
+        new: 37,
+        batch: 1,
+    },
+    Case {
+        head_dim: 64,
+        kv_heads: 3,
+        group: 3,
+        past: 100,
+        new: 1,
+        batch: 1,
+    },
+    Case {
+        head_dim: 128,
+        kv_heads: 2,
+        group: 4,
+        past: 0,
+        new: QUERY_CHUNK + 45,
+        batch: 1,
+    },
+    Case {
+        head_dim: 32,
+        kv_heads: 4,
+        group: 1,
+        past: 17,
+        new: 9,
+        batch: 2,
+    },
+    Case {
+        head_dim: 16,
+        kv_heads: 1,
+        group: 8,
+        past: 300,
+        new: QUERY_CHUNK * 2,
+        batch: 1,
+    },
+    Case {
+        head_dim: 64,
+        kv_heads: 8,
+        group: 4,
+        past: 511,
+        new: 1,
+        batch: 3,
+    },
 ];
 
 #[test]
@@ -34,12 +78,31 @@ fn chunked_attention_matches_reference() {
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let want = reference_attention(&q, &k, &v, scale).unwrap();
         for (name, got) in [
-            ("blocked matmul", causal_attention(&q, &k, &v, scale).unwrap()),
+            (
+                "blocked matmul",
+                causal_attention(&q, &k, &v, scale).unwrap(),
+            ),
             ("streaming", streaming_attention(&q, &k, &v, scale).unwrap()),
         ] {
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "{name}: d={} kv={} g={} past={} new={} b={}: max diff {diff}", c.head_dim, c.kv_heads, c.group, c.past, c.new, c.batch);
+            let diff = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff < 1e-4,
+                "{name}: d={} kv={} g={} past={} new={} b={}: max diff {diff}",
+                c.head_dim,
+                c.kv_heads,
+                c.group,
+                c.past,
+                c.new,
+                c.batch
+            );
         }
     }
 }
@@ -47,9 +110,21 @@ fn chunked_attention_matches_reference() {
 #[test]
 fn keeps_input_dtype() {
     let dev = Device::Cpu;
-    let q = Tensor::randn(0f32, 1.0, (1, 4, 3, 16), &dev).unwrap().to_dtype(DType::BF16).unwrap();
-    let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 16), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let q = Tensor::randn(0f32, 1.0, (1, 4, 3, 16), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 5, 16), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
     let out = causal_attention(&q, &k, &k, 0.25).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
-    assert!(causal_attention(&q, &k.narrow(2, 0, 2).unwrap(), &k.narrow(2, 0, 2).unwrap(), 0.25).is_err());
+    assert!(causal_attention(
+        &q,
+        &k.narrow(2, 0, 2).unwrap(),
+        &k.narrow(2, 0, 2).unwrap(),
+        0.25
+    )
+    .is_err());
 }

@@ -5,7 +5,11 @@ use omnikv_backend::config::{OmniKvConfig, SelectorKind, TokenBudget};
 use serde_json::json;
 
 fn example() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/example.json")).unwrap()
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/example.json"
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -19,7 +23,10 @@ fn published_example_loads_unchanged() {
     assert_eq!(cfg.cpu_num_threads, 8);
     assert_eq!(cfg.max_context_len, 128_500);
     assert!(!cfg.real_offload && !cfg.use_chat_template && !cfg.cot && cfg.use_flash_attn);
-    assert_eq!(cfg.model_name.as_deref(), Some("../models/Llama-3-8B-Instruct-262k"));
+    assert_eq!(
+        cfg.model_name.as_deref(),
+        Some("../models/Llama-3-8B-Instruct-262k")
+    );
 }
 
 #[test]
@@ -34,17 +41,30 @@ fn defaults_follow_the_spec() {
 
 #[test]
 fn budgets_count_and_ratio() {
-    let parse = |v: serde_json::Value| OmniKvConfig::from_value(&json!({"do_select_layers": "2", "num_of_selected_tokens": v})).unwrap().budget;
+    let parse = |v: serde_json::Value| {
+        OmniKvConfig::from_value(&json!({"do_select_layers": "2", "num_of_selected_tokens": v}))
+            .unwrap()
+            .budget
+    };
     assert_eq!(parse(json!(1)), TokenBudget::Count(1));
     assert_eq!(parse(json!(1.0)), TokenBudget::Ratio(1.0));
     assert_eq!(parse(json!(2048)), TokenBudget::Count(2048));
     assert_eq!(TokenBudget::Ratio(0.067).tokens_for(1000), 67);
-    assert_eq!(TokenBudget::Ratio(0.067).tokens_for(10), 1, "clamped up to 1");
-    assert_eq!(TokenBudget::Count(5).tokens_for(3), 3, "clamped down to the prompt");
+    assert_eq!(
+        TokenBudget::Ratio(0.067).tokens_for(10),
+        1,
+        "clamped up to 1"
+    );
+    assert_eq!(
+        TokenBudget::Count(5).tokens_for(3),
+        3,
+        "clamped down to the prompt"
+    );
     assert_eq!(TokenBudget::Ratio(1.0).tokens_for(2775), 2775);
     assert_eq!(TokenBudget::Count(5).tokens_for(0), 0);
     for (s, want) in [("\"2, 8 ,18\"", vec![2, 8, 18]), ("[0, 5]", vec![0, 5])] {
-        let v: serde_json::Value = serde_json::from_str(&format!("{{\"do_select_layers\": {s}}}")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&format!("{{\"do_select_layers\": {s}}}")).unwrap();
         assert_eq!(OmniKvConfig::from_value(&v).unwrap().filter_layers, want);
     }
 }
@@ -93,7 +113,10 @@ fn each_invalid_value_is_named() {
             Err(e) => {
                 let msg = e.to_string();
                 if !msg.contains(case.expect) {
-                    failures.push(format!("{}:\n  want {:?}\n  got  {msg}", case.json, case.expect));
+                    failures.push(format!(
+                        "{}:\n  want {:?}\n  got  {msg}",
+                        case.json, case.expect
+                    ));
                 }
             }
         }
@@ -112,7 +135,9 @@ fn all_problems_are_reported_at_once() {
     }))
     .unwrap_err();
     assert_eq!(e.0.len(), 5, "{e}");
-    assert!(e.to_string().starts_with("5 problems in the OmniKV config:"));
+    assert!(e
+        .to_string()
+        .starts_with("5 problems in the OmniKV config:"));
 }
 
 #[test]
@@ -126,25 +151,56 @@ fn malformed_json_is_reported() {
 #[test]
 fn generated_configs_never_panic() {
     let values = [
-        json!(null), json!(true), json!(0), json!(-3), json!(1.0), json!(0.5), json!(1e300),
-        json!("2,8,18"), json!(""), json!("a"), json!([]), json!([1, 1]), json!({}), json!(u64::MAX),
-        json!("\u{0}"), json!([2, 8, 18]), json!(16),
+        json!(null),
+        json!(true),
+        json!(0),
+        json!(-3),
+        json!(1.0),
+        json!(0.5),
+        json!(1e300),
+        json!("2,8,18"),
+        json!(""),
+        json!("a"),
+        json!([]),
+        json!([1, 1]),
+        json!({}),
+        json!(u64::MAX),
+        json!("\u{0}"),
+        json!([2, 8, 18]),
+        json!(16),
     ];
     let keys = [
-        "cpu_num_threads", "use_chat_template", "cot", "max_context_len", "model_name", "load_in_8bit",
-        "model_cls", "do_select_layers", "num_wait_load_layers", "real_offload", "dense_more",
-        "num_of_selected_tokens", "selector_cls", "window_size", "other",
+        "cpu_num_threads",
+        "use_chat_template",
+        "cot",
+        "max_context_len",
+        "model_name",
+        "load_in_8bit",
+        "model_cls",
+        "do_select_layers",
+        "num_wait_load_layers",
+        "real_offload",
+        "dense_more",
+        "num_of_selected_tokens",
+        "selector_cls",
+        "window_size",
+        "other",
     ];
     // A small deterministic LCG keeps this reproducible without extra crates.
     let mut state = 0x2545F4914F6CDD1Du64;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as usize
     };
     for _ in 0..5000 {
         let mut obj = serde_json::Map::new();
         for _ in 0..(next() % 6) {
-            obj.insert(keys[next() % keys.len()].to_string(), values[next() % values.len()].clone());
+            obj.insert(
+                keys[next() % keys.len()].to_string(),
+                values[next() % values.len()].clone(),
+            );
         }
         match OmniKvConfig::from_value(&serde_json::Value::Object(obj)) {
             Ok(cfg) => assert!(!cfg.filter_layers.is_empty()),

@@ -18,7 +18,9 @@ const ATOL: f32 = 1e-3;
 const RTOL: f32 = 1e-3;
 
 fn fixture(variant: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(variant)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(variant)
 }
 
 struct Reference {
@@ -27,15 +29,28 @@ struct Reference {
 }
 
 fn reference(variant: &str) -> Reference {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(variant).join("reference.json")).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(variant).join("reference.json")).unwrap(),
+    )
+    .unwrap();
     Reference {
-        ids: v["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+        ids: v["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect(),
         logits: v["logits"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
             .collect(),
     }
 }
@@ -47,11 +62,24 @@ fn omnikv() -> Arc<dyn KvCacheBackend> {
 fn load_hf(variant: &str, backend: Arc<dyn KvCacheBackend>) -> LlamaOmniKv {
     let dir = fixture(variant);
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    LlamaOmniKv::load_hf(&cfg, &[dir.join("model.safetensors")], DType::F32, &Device::Cpu, backend).unwrap()
+    LlamaOmniKv::load_hf(
+        &cfg,
+        &[dir.join("model.safetensors")],
+        DType::F32,
+        &Device::Cpu,
+        backend,
+    )
+    .unwrap()
 }
 
 fn load_gguf(variant: &str, file: &str) -> LlamaOmniKv {
-    LlamaOmniKv::load_gguf(&[fixture(variant).join(file)], DType::F32, &Device::Cpu, omnikv()).unwrap()
+    LlamaOmniKv::load_gguf(
+        &[fixture(variant).join(file)],
+        DType::F32,
+        &Device::Cpu,
+        omnikv(),
+    )
+    .unwrap()
 }
 
 /// Largest violation of the tolerance (<= 0 means within tolerance) and the
@@ -73,7 +101,10 @@ fn compare(got: &[f32], want: &[f32]) -> (f32, f32) {
 fn run(model: &LlamaOmniKv, ids: &[u32], split: usize) -> Vec<Vec<f32>> {
     model.reset_cache();
     let dev = Device::Cpu;
-    let prompt = Tensor::new(&ids[..split], &dev).unwrap().unsqueeze(0).unwrap();
+    let prompt = Tensor::new(&ids[..split], &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.forward(&prompt, &[0], vec![(0, split)]).unwrap();
     let mut rows: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
     for (pos, &id) in ids.iter().enumerate().skip(split) {
@@ -88,7 +119,10 @@ fn assert_matches(name: &str, rows: &[Vec<f32>], r: &Reference) {
     assert_eq!(rows.len(), r.logits.len());
     for (pos, (got, want)) in rows.iter().zip(&r.logits).enumerate() {
         let (worst, max_abs) = compare(got, want);
-        assert!(worst <= 0.0, "{name}: position {pos} off by up to {max_abs}");
+        assert!(
+            worst <= 0.0,
+            "{name}: position {pos} off by up to {max_abs}"
+        );
     }
 }
 
@@ -98,8 +132,16 @@ fn hf_checkpoints_match_transformers() {
         let r = reference(variant);
         let model = load_hf(variant, omnikv());
         // Whole sequence as one prefill, and prefill + cached decode steps.
-        assert_matches(&format!("{variant} prefill"), &run(&model, &r.ids, r.ids.len()), &r);
-        assert_matches(&format!("{variant} prefill+decode"), &run(&model, &r.ids, 24), &r);
+        assert_matches(
+            &format!("{variant} prefill"),
+            &run(&model, &r.ids, r.ids.len()),
+            &r,
+        );
+        assert_matches(
+            &format!("{variant} prefill+decode"),
+            &run(&model, &r.ids, 24),
+            &r,
+        );
     }
 }
 
@@ -124,7 +166,10 @@ fn gguf_rope_freqs_are_honoured() {
         .zip(&r.logits)
         .map(|(g, w)| compare(g, w).1)
         .fold(0f32, f32::max);
-    assert!(max_abs > 0.05, "dropping rope_freqs changed logits by only {max_abs}");
+    assert!(
+        max_abs > 0.05,
+        "dropping rope_freqs changed logits by only {max_abs}"
+    );
 }
 
 #[test]
@@ -132,30 +177,90 @@ fn host_gguf_rope_uses_freq_factors() {
     // The host patch builds GGUF Llama's rotary tables with rope_freqs; they
     // must equal llama3 scaling computed from the HF config.
     let dir = fixture("tiny-llama31");
-    let cfg = LlamaConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = LlamaConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+        .unwrap();
     let scaling = cfg.rope_scaling.clone().expect("llama3 scaling");
     let hd = cfg.head_dim();
     let plain = llama3_inv_freq(cfg.rope_theta, hd, None);
     let scaled = llama3_inv_freq(cfg.rope_theta, hd, Some(&scaling));
     let factors: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| p / s).collect();
-    assert!(factors.iter().any(|f| (f - 1.0).abs() > 1e-3), "scaling must change some frequency");
+    assert!(
+        factors.iter().any(|f| (f - 1.0).abs() > 1e-3),
+        "scaling must change some frequency"
+    );
     let host = mistralrs_core::layers::RotaryEmbedding::new_with_freq_factors(
-        cfg.rope_theta, hd, 64, &Device::Cpu, false, DType::F32, Some(&factors),
+        cfg.rope_theta,
+        hd,
+        64,
+        &Device::Cpu,
+        false,
+        DType::F32,
+        Some(&factors),
     )
     .unwrap();
     let (cos, sin) = host.get_cos_sin().unwrap();
-    let pos = Tensor::arange(0u32, 64, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().reshape((64, 1)).unwrap();
-    let freqs = pos.matmul(&Tensor::new(scaled.as_slice(), &Device::Cpu).unwrap().reshape((1, hd / 2)).unwrap()).unwrap();
-    let dc = (cos - freqs.cos().unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let ds = (sin - freqs.sin().unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(dc < 1e-4 && ds < 1e-4, "host rotary tables off by {dc} / {ds}");
+    let pos = Tensor::arange(0u32, 64, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .reshape((64, 1))
+        .unwrap();
+    let freqs = pos
+        .matmul(
+            &Tensor::new(scaled.as_slice(), &Device::Cpu)
+                .unwrap()
+                .reshape((1, hd / 2))
+                .unwrap(),
+        )
+        .unwrap();
+    let dc = (cos - freqs.cos().unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let ds = (sin - freqs.sin().unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        dc < 1e-4 && ds < 1e-4,
+        "host rotary tables off by {dc} / {ds}"
+    );
     // Without factors the host keeps its old tables.
     let none = mistralrs_core::layers::RotaryEmbedding::new_with_freq_factors(
-        cfg.rope_theta, hd, 64, &Device::Cpu, false, DType::F32, None,
+        cfg.rope_theta,
+        hd,
+        64,
+        &Device::Cpu,
+        false,
+        DType::F32,
+        None,
     )
     .unwrap();
-    let old = mistralrs_core::layers::RotaryEmbedding::new(cfg.rope_theta, hd, 64, &Device::Cpu, false, DType::F32).unwrap();
-    let d = (none.get_cos_sin().unwrap().0 - old.get_cos_sin().unwrap().0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let old = mistralrs_core::layers::RotaryEmbedding::new(
+        cfg.rope_theta,
+        hd,
+        64,
+        &Device::Cpu,
+        false,
+        DType::F32,
+    )
+    .unwrap();
+    let d = (none.get_cos_sin().unwrap().0 - old.get_cos_sin().unwrap().0)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(d, 0.0);
 }
 
@@ -165,11 +270,18 @@ fn own_attention_matches_host_sdpa() {
     // and through this crate's attention gives the same logits, exactly.
     let r = reference("tiny-llama31");
     let ours = run(&load_hf("tiny-llama31", omnikv()), &r.ids, 24);
-    let host = run(&load_hf("tiny-llama31", Arc::new(DefaultKvCacheBackend)), &r.ids, 24);
+    let host = run(
+        &load_hf("tiny-llama31", Arc::new(DefaultKvCacheBackend)),
+        &r.ids,
+        24,
+    );
     // The dense path keeps the host kernel's summation order: bit-identical.
     for (pos, (a, b)) in ours.iter().zip(&host).enumerate() {
         let (_, max_abs) = compare(a, b);
-        assert_eq!(max_abs, 0.0, "position {pos}: own attention vs host Sdpa off by {max_abs}");
+        assert_eq!(
+            max_abs, 0.0,
+            "position {pos}: own attention vs host Sdpa off by {max_abs}"
+        );
     }
 }
 
@@ -180,25 +292,47 @@ fn batched_prefill_matches_single_sequences() {
     let dev = Device::Cpu;
     let a = &r.ids[..20];
     let b = &r.ids[20..40];
-    let batch = Tensor::stack(&[Tensor::new(a, &dev).unwrap(), Tensor::new(b, &dev).unwrap()], 0).unwrap();
+    let batch = Tensor::stack(
+        &[Tensor::new(a, &dev).unwrap(), Tensor::new(b, &dev).unwrap()],
+        0,
+    )
+    .unwrap();
     model.reset_cache();
-    let both: Vec<Vec<Vec<f32>>> = model.forward(&batch, &[0, 0], vec![(0, 20), (0, 20)]).unwrap().to_vec3().unwrap();
+    let both: Vec<Vec<Vec<f32>>> = model
+        .forward(&batch, &[0, 0], vec![(0, 20), (0, 20)])
+        .unwrap()
+        .to_vec3()
+        .unwrap();
     for (i, ids) in [a, b].into_iter().enumerate() {
         model.reset_cache();
         let x = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-        let single: Vec<Vec<f32>> = model.forward(&x, &[0], vec![(0, 20)]).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let single: Vec<Vec<f32>> = model
+            .forward(&x, &[0], vec![(0, 20)])
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for (pos, (g, w)) in both[i].iter().zip(&single).enumerate() {
             let (worst, max_abs) = compare(g, w);
-            assert!(worst <= 0.0, "sequence {i} position {pos}: batched vs single off by {max_abs}");
+            assert!(
+                worst <= 0.0,
+                "sequence {i} position {pos}: batched vs single off by {max_abs}"
+            );
         }
     }
 }
 
 #[test]
 fn config_reads_legacy_and_transformers5_rope_keys() {
-    let legacy = LlamaConfig::from_hf_json(&std::fs::read_to_string(fixture("tiny-llama31").join("config.json")).unwrap()).unwrap();
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama31").join("config.json")).unwrap()).unwrap();
+    let legacy = LlamaConfig::from_hf_json(
+        &std::fs::read_to_string(fixture("tiny-llama31").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-llama31").join("config.json")).unwrap(),
+    )
+    .unwrap();
     let obj = v.as_object_mut().unwrap();
     let mut params = obj.remove("rope_scaling").unwrap();
     params["rope_theta"] = obj.remove("rope_theta").unwrap();
@@ -208,5 +342,8 @@ fn config_reads_legacy_and_transformers5_rope_keys() {
     assert_eq!(v5.rope_theta, legacy.rope_theta);
     let bad = v.to_string().replace("\"llama3\"", "\"yarn\"");
     let e = LlamaConfig::from_hf_json(&bad).unwrap_err().to_string();
-    assert!(e.contains("rope scaling type `yarn` is not supported"), "{e}");
+    assert!(
+        e.contains("rope scaling type `yarn` is not supported"),
+        "{e}"
+    );
 }

@@ -5,7 +5,9 @@ use omnikv_backend::plan::{LayerPlan, LayerRole};
 use serde_json::json;
 
 fn plan(layers: &str, w: u64, n: usize) -> anyhow::Result<LayerPlan> {
-    let cfg = OmniKvConfig::from_value(&json!({"do_select_layers": layers, "num_wait_load_layers": w})).unwrap();
+    let cfg =
+        OmniKvConfig::from_value(&json!({"do_select_layers": layers, "num_wait_load_layers": w}))
+            .unwrap();
     LayerPlan::new(&cfg, n)
 }
 
@@ -51,7 +53,14 @@ const CASES: &[Case] = &[
 fn plans_follow_the_spec() {
     for c in CASES {
         let p = plan(c.layers, c.w, c.n).unwrap();
-        assert_eq!(describe(&p), c.want, "layers {} W={} L={}", c.layers, c.w, c.n);
+        assert_eq!(
+            describe(&p),
+            c.want,
+            "layers {} W={} L={}",
+            c.layers,
+            c.w,
+            c.n
+        );
     }
     assert_eq!(plan("2,8,18", 1, 32).unwrap().dense_layers(), 8);
 }
@@ -59,5 +68,8 @@ fn plans_follow_the_spec() {
 #[test]
 fn layers_beyond_the_model_are_rejected() {
     let e = plan("2,8,30", 1, 30).unwrap_err().to_string();
-    assert!(e.contains("names layer 30, but the model has 30 layers (0..=29)"), "{e}");
+    assert!(
+        e.contains("names layer 30, but the model has 30 layers (0..=29)"),
+        "{e}"
+    );
 }

@@ -35,10 +35,25 @@ fn naive_top_k(scores: &[f32], k: usize) -> Vec<u32> {
 
 #[test]
 fn top_k_matches_full_sort() {
-    for (n, k, seed) in [(1, 1, 1), (10, 3, 2), (100, 7, 3), (1000, 67, 4), (513, 512, 5), (64, 64, 6), (50, 80, 7)] {
+    for (n, k, seed) in [
+        (1, 1, 1),
+        (10, 3, 2),
+        (100, 7, 3),
+        (1000, 67, 4),
+        (513, 512, 5),
+        (64, 64, 6),
+        (50, 80, 7),
+    ] {
         // Quantise to create ties.
-        let scores: Vec<f32> = rand_vec(n, seed).iter().map(|x| (x * 8.0).round()).collect();
-        assert_eq!(top_k_sorted(&scores, k), naive_top_k(&scores, k.min(n)), "n={n} k={k}");
+        let scores: Vec<f32> = rand_vec(n, seed)
+            .iter()
+            .map(|x| (x * 8.0).round())
+            .collect();
+        assert_eq!(
+            top_k_sorted(&scores, k),
+            naive_top_k(&scores, k.min(n)),
+            "n={n} k={k}"
+        );
     }
     assert_eq!(top_k_sorted(&[f32::NAN, 1.0, 0.5], 1), vec![1]);
 }
@@ -52,10 +67,34 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { head_dim: 64, kv_heads: 3, group: 3, prompt: 50, window: 1 },
-    Case { head_dim: 16, kv_heads: 1, group: 8, prompt: 300, window: 4 },
-    Case { head_dim: 32, kv_heads: 4, group: 1, prompt: 17, window: 16 },
-    Case { head_dim: 128, kv_heads: 2, group: 4, prompt: 129, window: 8 },
+    Case {
+        head_dim: 64,
+        kv_heads: 3,
+        group: 3,
+        prompt: 50,
+        window: 1,
+    },
+    Case {
+        head_dim: 16,
+        kv_heads: 1,
+        group: 8,
+        prompt: 300,
+        window: 4,
+    },
+    Case {
+        head_dim: 32,
+        kv_heads: 4,
+        group: 1,
+        prompt: 17,
+        window: 16,
+    },
+    Case {
+        head_dim: 128,
+        kv_heads: 2,
+        group: 4,
+        prompt: 129,
+        window: 8,
+    },
 ];
 
 /// Plain reference of the spec's formulas: per window query, per head,
@@ -87,7 +126,11 @@ fn reference_scores(q: &[f32], k: &[f32], c: &Case, w: usize, kind: SelectorKind
                 *b = b.max(r);
             }
         }
-        let weight = if kind == SelectorKind::Exp { 0.5f32.powi((w - 1 - i) as i32) } else { 1.0 };
+        let weight = if kind == SelectorKind::Exp {
+            0.5f32.powi((w - 1 - i) as i32)
+        } else {
+            1.0
+        };
         for (t, b) in total.iter_mut().zip(best) {
             *t += weight * b;
         }
@@ -106,12 +149,32 @@ fn selectors_match_reference() {
         let k = rand_vec(c.kv_heads * c.prompt * c.head_dim, 12 + c.prompt as u64);
         let qt = Tensor::from_slice(&q, (w, h, c.head_dim), &dev).unwrap();
         let kt = Tensor::from_slice(&k, (c.kv_heads, c.prompt, c.head_dim), &dev).unwrap();
-        for kind in [SelectorKind::Last, SelectorKind::SoftmaxBeforeLast, SelectorKind::Uniform, SelectorKind::Exp] {
+        for kind in [
+            SelectorKind::Last,
+            SelectorKind::SoftmaxBeforeLast,
+            SelectorKind::Uniform,
+            SelectorKind::Exp,
+        ] {
             let sel = make_selector(kind, w);
-            let got: Vec<f32> = sel.scores(&qt, &kt, 1.0 / (c.head_dim as f64).sqrt()).unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = sel
+                .scores(&qt, &kt, 1.0 / (c.head_dim as f64).sqrt())
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let want = reference_scores(&q, &k, c, w, kind);
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-4, "{kind:?} d={} kv={} g={} P={} w={w}: {diff}", c.head_dim, c.kv_heads, c.group, c.prompt);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-4,
+                "{kind:?} d={} kv={} g={} P={} w={w}: {diff}",
+                c.head_dim,
+                c.kv_heads,
+                c.group,
+                c.prompt
+            );
         }
     }
 }
@@ -126,7 +189,10 @@ fn selection_budget_and_prompt_tail_rule() {
     let s = select(&*last, &q.narrow(0, 15, 1).unwrap(), &k, 0.3, 5, 1).unwrap();
     assert_eq!(s.len(), 5);
     assert!(s.windows(2).all(|w| w[0] < w[1]));
-    assert_eq!(select(&*last, &q.narrow(0, 15, 1).unwrap(), &k, 0.3, 40, 1).unwrap(), (0..40).collect::<Vec<u32>>());
+    assert_eq!(
+        select(&*last, &q.narrow(0, 15, 1).unwrap(), &k, 0.3, 40, 1).unwrap(),
+        (0..40).collect::<Vec<u32>>()
+    );
     // Window 16 after 3 decoded tokens: the last 13 prompt positions are kept
     // and k = 20 shrinks to 7 others.
     let uniform = make_selector(SelectorKind::Uniform, 16);
@@ -143,25 +209,40 @@ fn selection_budget_and_prompt_tail_rule() {
 #[test]
 fn sparse_attention_matches_masked_full_attention() {
     let dev = Device::Cpu;
-    for (kvh, g, d, p, n, keep, seed) in [(3, 3, 64, 50, 60, 7, 1u64), (1, 8, 16, 200, 201, 20, 2), (4, 1, 32, 33, 40, 33, 3)] {
+    for (kvh, g, d, p, n, keep, seed) in [
+        (3, 3, 64, 50, 60, 7, 1u64),
+        (1, 8, 16, 200, 201, 20, 2),
+        (4, 1, 32, 33, 40, 33, 3),
+    ] {
         let h = kvh * g;
         let q = rand_vec(h * d, seed);
         let k = rand_vec(kvh * n * d, seed + 10);
         let v = rand_vec(kvh * n * d, seed + 20);
-        let sel: Vec<u32> = (0..p as u32).filter(|j| (j * 7 + seed as u32) % (p as u32 / keep as u32).max(1) == 0).take(keep).collect();
+        let sel: Vec<u32> = (0..p as u32)
+            .filter(|j| (j * 7 + seed as u32) % (p as u32 / keep as u32).max(1) == 0)
+            .take(keep)
+            .collect();
         let rows = attended_rows(&sel, p, n);
         let scale = 1.0 / (d as f32).sqrt();
         let qt = Tensor::from_slice(&q, (1, h, 1, d), &dev).unwrap();
         let kt = Tensor::from_slice(&k, (1, kvh, n, d), &dev).unwrap();
         let vt = Tensor::from_slice(&v, (1, kvh, n, d), &dev).unwrap();
-        let got: Vec<f32> = sparse_decode_attention(&qt, &kt, &vt, &rows, scale as f64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = sparse_decode_attention(&qt, &kt, &vt, &rows, scale as f64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // Full attention over all n rows with -inf on the rows not attended.
         for head in 0..h {
             let kv = head / g;
             let logits: Vec<f32> = (0..n)
                 .map(|j| {
                     if rows.contains(&(j as u32)) {
-                        (0..d).map(|x| q[head * d + x] * k[(kv * n + j) * d + x]).sum::<f32>() * scale
+                        (0..d)
+                            .map(|x| q[head * d + x] * k[(kv * n + j) * d + x])
+                            .sum::<f32>()
+                            * scale
                     } else {
                         f32::NEG_INFINITY
                     }
@@ -170,7 +251,9 @@ fn sparse_attention_matches_masked_full_attention() {
             let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let z: f32 = logits.iter().map(|x| (x - m).exp()).sum();
             for x in 0..d {
-                let want: f32 = (0..n).map(|j| (logits[j] - m).exp() / z * v[(kv * n + j) * d + x]).sum();
+                let want: f32 = (0..n)
+                    .map(|j| (logits[j] - m).exp() / z * v[(kv * n + j) * d + x])
+                    .sum();
                 let diff = (got[head * d + x] - want).abs();
                 assert!(diff < 1e-5, "head {head} dim {x}: {diff}");
             }
@@ -181,8 +264,17 @@ fn sparse_attention_matches_masked_full_attention() {
 fn tiny(config: serde_json::Value) -> LlamaOmniKv {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let backend: Arc<dyn KvCacheBackend> = Arc::new(OmniKvBackend::new(OmniKvConfig::from_value(&config).unwrap()));
-    LlamaOmniKv::load_hf(&cfg, &[dir.join("model.safetensors")], DType::F32, &Device::Cpu, backend).unwrap()
+    let backend: Arc<dyn KvCacheBackend> = Arc::new(OmniKvBackend::new(
+        OmniKvConfig::from_value(&config).unwrap(),
+    ));
+    LlamaOmniKv::load_hf(
+        &cfg,
+        &[dir.join("model.safetensors")],
+        DType::F32,
+        &Device::Cpu,
+        backend,
+    )
+    .unwrap()
 }
 
 /// Greedy-free decode: feed `ids[prompt..]` one by one after a prompt pass,
@@ -191,38 +283,69 @@ fn decode(model: &LlamaOmniKv, ids: &[u32], prompt: usize) -> Vec<Vec<f32>> {
     model.reset_cache();
     let dev = Device::Cpu;
     let _scope = ForwardScope::enter(vec![prompt]);
-    let x = Tensor::new(&ids[..prompt], &dev).unwrap().unsqueeze(0).unwrap();
-    let mut out = vec![model.forward(&x, &[0], vec![(prompt - 1, 1)]).unwrap().flatten_all().unwrap().to_vec1().unwrap()];
+    let x = Tensor::new(&ids[..prompt], &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut out = vec![model
+        .forward(&x, &[0], vec![(prompt - 1, 1)])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()];
     for (pos, &id) in ids.iter().enumerate().skip(prompt) {
         let x = Tensor::new(&[id], &dev).unwrap().unsqueeze(0).unwrap();
-        out.push(model.forward(&x, &[pos], vec![(0, 1)]).unwrap().flatten_all().unwrap().to_vec1().unwrap());
+        out.push(
+            model
+                .forward(&x, &[pos], vec![(0, 1)])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+        );
     }
     out
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
 }
 
 const IDS: [u32; 40] = [
-    5, 17, 33, 200, 7, 9, 81, 120, 44, 45, 46, 250, 3, 99, 101, 18, 64, 65, 66, 70, 12, 13, 140, 141, 150, 160, 170, 180, 190, 210,
-    220, 230, 240, 6, 8, 10, 11, 14, 15, 16,
+    5, 17, 33, 200, 7, 9, 81, 120, 44, 45, 46, 250, 3, 99, 101, 18, 64, 65, 66, 70, 12, 13, 140,
+    141, 150, 160, 170, 180, 190, 210, 220, 230, 240, 6, 8, 10, 11, 14, 15, 16,
 ];
 
 #[test]
 fn full_budget_equals_dense_and_small_budget_differs() {
     for selector in ["last", "softmax_before_last", "uniform", "exp"] {
-        let full = tiny(serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 1.0, "selector_cls": selector, "window_size": 4}));
-        let small = tiny(serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 3, "selector_cls": selector, "window_size": 4}));
+        let full = tiny(
+            serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 1.0, "selector_cls": selector, "window_size": 4}),
+        );
+        let small = tiny(
+            serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 3, "selector_cls": selector, "window_size": 4}),
+        );
         let dense = {
-            let m = tiny(serde_json::json!({"do_select_layers": "1", "num_of_selected_tokens": 1.0}));
+            let m =
+                tiny(serde_json::json!({"do_select_layers": "1", "num_of_selected_tokens": 1.0}));
             // Layer 1 as the only filter layer: nothing is sparse.
             decode(&m, &IDS, 30)
         };
         let d_full = max_diff(&decode(&full, &IDS, 30), &dense);
-        assert_eq!(d_full, 0.0, "{selector}: 100% budget must equal dense decoding exactly");
+        assert_eq!(
+            d_full, 0.0,
+            "{selector}: 100% budget must equal dense decoding exactly"
+        );
         let d_small = max_diff(&decode(&small, &IDS, 30), &dense);
-        assert!(d_small > 1e-3, "{selector}: a 3-token budget should change the logits (diff {d_small})");
+        assert!(
+            d_small > 1e-3,
+            "{selector}: a 3-token budget should change the logits (diff {d_small})"
+        );
     }
 }
 
@@ -237,13 +360,27 @@ fn snapshot(model: &LlamaOmniKv) -> Vec<(Tensor, Tensor)> {
 
 /// Prefill `ids[..prompt]`, then decode `ids[prompt..upto]`; returns the cache
 /// and the logits of one more decode step with `ids[upto]`.
-fn run_to(model: &LlamaOmniKv, ids: &[u32], prompt: usize, upto: usize) -> (Vec<(Tensor, Tensor)>, Vec<f32>) {
+fn run_to(
+    model: &LlamaOmniKv,
+    ids: &[u32],
+    prompt: usize,
+    upto: usize,
+) -> (Vec<(Tensor, Tensor)>, Vec<f32>) {
     let all = decode(model, &ids[..upto], prompt);
     let _ = all;
     let cache = snapshot(model);
     let _scope = ForwardScope::enter(vec![prompt]);
-    let x = Tensor::new(&[ids[upto]], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = model.forward(&x, &[upto], vec![(0, 1)]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let x = Tensor::new(&[ids[upto]], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model
+        .forward(&x, &[upto], vec![(0, 1)])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     (cache, logits)
 }
 
@@ -252,7 +389,9 @@ fn batched_decode_equals_single_sequences() {
     // Two sequences with the same cache length but different prompt lengths
     // (so different selections) decode in one batch exactly as they do alone.
     for selector in ["last", "exp"] {
-        let model = tiny(serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 0.25, "selector_cls": selector, "window_size": 4}));
+        let model = tiny(
+            serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 0.25, "selector_cls": selector, "window_size": 4}),
+        );
         let a: Vec<u32> = IDS[..34].to_vec();
         let b: Vec<u32> = IDS[6..40].to_vec();
         let (cache_a, solo_a) = run_to(&model, &a, 30, 33);
@@ -261,14 +400,49 @@ fn batched_decode_equals_single_sequences() {
             let mut c = CustomTextModel::cache(&model).normal();
             for (kv, ((ka, va), (kb, vb))) in c.0.iter_mut().zip(cache_a.iter().zip(&cache_b)) {
                 kv.reset();
-                kv.append(&Tensor::cat(&[ka, kb], 0).unwrap(), &Tensor::cat(&[va, vb], 0).unwrap()).unwrap();
+                kv.append(
+                    &Tensor::cat(&[ka, kb], 0).unwrap(),
+                    &Tensor::cat(&[va, vb], 0).unwrap(),
+                )
+                .unwrap();
             }
         }
         let _scope = ForwardScope::enter(vec![30, 33]);
         let x = Tensor::new(&[[a[33]], [b[33]]], &Device::Cpu).unwrap();
-        let both: Vec<Vec<Vec<f32>>> = model.forward(&x, &[33, 33], vec![(0, 1), (0, 1)]).unwrap().to_vec3().unwrap();
+        let both: Vec<Vec<Vec<f32>>> = model
+            .forward(&x, &[33, 33], vec![(0, 1), (0, 1)])
+            .unwrap()
+            .to_vec3()
+            .unwrap();
         let da = max_diff(&both[0], &[solo_a.clone()]);
         let db = max_diff(&both[1], &[solo_b.clone()]);
-        assert!(da < 1e-4 && db < 1e-4, "{selector}: batched vs alone differ by {da} / {db}");
+        assert!(
+            da < 1e-4 && db < 1e-4,
+            "{selector}: batched vs alone differ by {da} / {db}"
+        );
     }
+}
+
+#[test]
+fn recomputed_sequence_replays_its_decode_steps() {
+    // The host may re-run prompt + generated tokens as one prompt pass; the
+    // model must end up with the logits the sequence had when decoding.
+    let model = tiny(
+        serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 3}),
+    );
+    let stepwise = decode(&model, &IDS[..37], 30);
+    model.reset_cache();
+    let _scope = ForwardScope::enter(vec![30]);
+    let x = Tensor::new(&IDS[..37], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let replayed: Vec<f32> = model
+        .forward(&x, &[0], vec![(36, 1)])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(max_diff(&[replayed], &stepwise[stepwise.len() - 1..]), 0.0);
 }

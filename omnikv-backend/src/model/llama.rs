@@ -86,9 +86,17 @@ impl LlamaConfig {
         let params = raw.rope_parameters.as_ref();
         let rope_theta = raw
             .rope_theta
-            .or_else(|| params.and_then(|p| p["rope_theta"].as_f64()).map(|t| t as f32))
+            .or_else(|| {
+                params
+                    .and_then(|p| p["rope_theta"].as_f64())
+                    .map(|t| t as f32)
+            })
             .unwrap_or(10_000.0);
-        let scaling = raw.rope_scaling.as_ref().or(params).filter(|v| !v.is_null());
+        let scaling = raw
+            .rope_scaling
+            .as_ref()
+            .or(params)
+            .filter(|v| !v.is_null());
         let rope_scaling = match scaling {
             None => None,
             Some(v) => {
@@ -140,7 +148,11 @@ impl LlamaConfig {
 /// Inverse frequencies `theta^(-2i/d)`, adjusted by llama3 rope scaling when
 /// given (see the spec: low frequencies divided by `factor`, high ones kept,
 /// a smooth blend in between).
-pub fn llama3_inv_freq(theta: f32, head_dim: usize, scaling: Option<&Llama3RopeScaling>) -> Vec<f32> {
+pub fn llama3_inv_freq(
+    theta: f32,
+    head_dim: usize,
+    scaling: Option<&Llama3RopeScaling>,
+) -> Vec<f32> {
     let base: Vec<f32> = (0..head_dim)
         .step_by(2)
         .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
@@ -285,8 +297,12 @@ impl Attention {
         let q = self.q_proj.forward(x)?.to_dtype(dtype)?;
         let k = self.k_proj.forward(x)?.to_dtype(dtype)?;
         let v = self.v_proj.forward(x)?.to_dtype(dtype)?;
-        let q = q.reshape((b, s, self.num_heads, self.head_dim))?.transpose(1, 2)?;
-        let k = k.reshape((b, s, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let q = q
+            .reshape((b, s, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b, s, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
         let v = v
             .reshape((b, s, self.num_kv_heads, self.head_dim))?
             .transpose(1, 2)?
@@ -342,9 +358,13 @@ struct Block {
 impl Block {
     fn forward(&self, x: &Tensor, cache: &mut KvCache, ctx: &mut LayerCtx<'_>) -> Result<Tensor> {
         let residual = x;
-        let h = self.attn.forward(&self.input_layernorm.forward(x)?, cache, ctx)?;
+        let h = self
+            .attn
+            .forward(&self.input_layernorm.forward(x)?, cache, ctx)?;
         let x = (h + residual)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         h + x
     }
 }
@@ -396,7 +416,10 @@ fn check_shape(cfg: &LlamaConfig) -> anyhow::Result<()> {
         );
     }
     if cfg.head_dim() % 2 != 0 {
-        anyhow::bail!("head dim {} is odd; RoPE needs an even head dim", cfg.head_dim());
+        anyhow::bail!(
+            "head dim {} is odd; RoPE needs an even head dim",
+            cfg.head_dim()
+        );
     }
     Ok(())
 }
@@ -420,7 +443,9 @@ impl LlamaOmniKv {
             Ok(QMatMul::Tensor(vb.get((out, inp), "weight")?))
         };
         let vb_m = vb.pp("model");
-        let embed = vb_m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed = vb_m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let lm_head = if cfg.tie_word_embeddings {
             QMatMul::Tensor(embed.clone())
         } else {
@@ -460,9 +485,21 @@ impl LlamaOmniKv {
                     },
                     post_attention_layernorm: norm(vb_l.pp("post_attention_layernorm"))?,
                     mlp: Mlp {
-                        gate_proj: linear(&vb_f.pp("gate_proj"), cfg.intermediate_size, cfg.hidden_size)?,
-                        up_proj: linear(&vb_f.pp("up_proj"), cfg.intermediate_size, cfg.hidden_size)?,
-                        down_proj: linear(&vb_f.pp("down_proj"), cfg.hidden_size, cfg.intermediate_size)?,
+                        gate_proj: linear(
+                            &vb_f.pp("gate_proj"),
+                            cfg.intermediate_size,
+                            cfg.hidden_size,
+                        )?,
+                        up_proj: linear(
+                            &vb_f.pp("up_proj"),
+                            cfg.intermediate_size,
+                            cfg.hidden_size,
+                        )?,
+                        down_proj: linear(
+                            &vb_f.pp("down_proj"),
+                            cfg.hidden_size,
+                            cfg.intermediate_size,
+                        )?,
                     },
                 })
             })
@@ -556,7 +593,11 @@ impl LlamaOmniKv {
         };
         let mut inv_freq = llama3_inv_freq(rope_theta, head_dim, None);
         if let Ok(factors) = tensor("rope_freqs.weight") {
-            let factors = factors.dequantize(device)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let factors = factors
+                .dequantize(device)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             if factors.len() != inv_freq.len() {
                 anyhow::bail!(
                     "rope_freqs.weight has {} entries, expected head_dim / 2 = {}",
@@ -602,16 +643,21 @@ impl LlamaOmniKv {
                 up_proj: q("ffn_up")?,
                 down_proj: q("ffn_down")?,
             };
-            let dq = |t: candle_core::quantized::QTensor| -> Result<Tensor> {
-                t.dequantize(device)
-            };
+            let dq =
+                |t: candle_core::quantized::QTensor| -> Result<Tensor> { t.dequantize(device) };
             let eps = cfg.rms_norm_eps as f32;
             let attn_norm = dq(ct.tensor(&mut file, &format!("{p}.attn_norm.weight"), device)?)?;
             let ffn_norm = dq(ct.tensor(&mut file, &format!("{p}.ffn_norm.weight"), device)?)?;
             blocks.push(Block {
-                input_layernorm: RmsNorm { weight: attn_norm, eps },
+                input_layernorm: RmsNorm {
+                    weight: attn_norm,
+                    eps,
+                },
                 attn,
-                post_attention_layernorm: RmsNorm { weight: ffn_norm, eps },
+                post_attention_layernorm: RmsNorm {
+                    weight: ffn_norm,
+                    eps,
+                },
                 mlp,
             });
         }
@@ -648,6 +694,14 @@ impl LlamaOmniKv {
 
     /// `input_ids` `(b, s)`; returns logits of the positions selected by
     /// `context_lens` (`(start, len)` per sequence), `(b, len, vocab)`.
+    ///
+    /// The host sometimes re-runs a sequence's prompt *and the tokens it has
+    /// already generated* as one prompt pass (when it recomputes a preempted
+    /// sequence). Generated positions were produced by decode steps, whose
+    /// attention a backend such as OmniKV makes sparse; a dense recompute
+    /// would change them. Such a pass is replayed as a prompt pass over the
+    /// prompt followed by one decode step per generated token, which gives
+    /// exactly the cache and logits the sequence had.
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -655,7 +709,41 @@ impl LlamaOmniKv {
         context_lens: Vec<(usize, usize)>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let mut x = self.embed_tokens.forward(input_ids)?.to_dtype(self.act_dtype)?;
+        let prompt_lens = mistralrs_core::kv_backend::current_prompt_lens();
+        if let (1, Some([p])) = (b, prompt_lens.as_deref()) {
+            let (off, p) = (offsets[0], *p);
+            if off < p && p < off + s && context_lens == [(s - 1, 1)] {
+                let split = p - off;
+                self.forward_pass(
+                    &input_ids.narrow(1, 0, split)?,
+                    offsets,
+                    vec![(split - 1, 1)],
+                )?;
+                let mut last = None;
+                for t in split..s {
+                    last = Some(self.forward_pass(
+                        &input_ids.narrow(1, t, 1)?,
+                        &[off + t],
+                        vec![(0, 1)],
+                    )?);
+                }
+                return Ok(last.expect("at least one generated position"));
+            }
+        }
+        self.forward_pass(input_ids, offsets, context_lens)
+    }
+
+    fn forward_pass(
+        &self,
+        input_ids: &Tensor,
+        offsets: &[usize],
+        context_lens: Vec<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let mut x = self
+            .embed_tokens
+            .forward(input_ids)?
+            .to_dtype(self.act_dtype)?;
         let mut cache = self.cache.normal();
         let mask = if s > 1 {
             let past = cache.0.first().map(KvCache::current_seq_len).unwrap_or(0);

@@ -43,7 +43,8 @@ impl CustomArchitecture for LlamaOmniKvArchitecture {
     }
 
     fn load_gguf(&self, args: GgufLoadArgs<'_>) -> anyhow::Result<Box<dyn CustomTextModel>> {
-        let model = LlamaOmniKv::load_gguf(args.files, args.dtype, args.device, args.backend.clone())?;
+        let model =
+            LlamaOmniKv::load_gguf(args.files, args.dtype, args.device, args.backend.clone())?;
         check_backend(&args.backend, model.num_layers())?;
         Ok(Box::new(model))
     }
