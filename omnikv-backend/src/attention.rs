@@ -33,6 +33,37 @@ pub fn causal_mask(s: usize, past: usize, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(mask, (s, n), device)
 }
 
+/// Shapes of an attention call, checked once.
+struct Dims {
+    b: usize,
+    h: usize,
+    s: usize,
+    d: usize,
+    kv_h: usize,
+    n: usize,
+}
+
+impl Dims {
+    fn of(q: &Tensor, k: &Tensor) -> Result<Self> {
+        let (b, h, s, d) = q.dims4()?;
+        let (_, kv_h, n, _) = k.dims4()?;
+        if h % kv_h != 0 {
+            candle_core::bail!("query heads {h} are not a multiple of KV heads {kv_h}");
+        }
+        if n < s {
+            candle_core::bail!("{n} cached keys cannot hold {s} new positions");
+        }
+        Ok(Self {
+            b,
+            h,
+            s,
+            d,
+            kv_h,
+            n,
+        })
+    }
+}
+
 /// Causal scaled dot-product attention.
 ///
 /// * `q`: `(b, h, s, d)`, the `s` newest positions;
@@ -41,14 +72,14 @@ pub fn causal_mask(s: usize, past: usize, device: &Device) -> Result<Tensor> {
 ///
 /// returns `(b, h, s, d)` in `q`'s dtype. Softmax runs in f32.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, s, d) = q.dims4()?;
-    let (_, kv_h, n, _) = k.dims4()?;
-    if h % kv_h != 0 {
-        candle_core::bail!("query heads {h} are not a multiple of KV heads {kv_h}");
-    }
-    if n < s {
-        candle_core::bail!("{n} cached keys cannot hold {s} new positions");
-    }
+    let Dims {
+        b,
+        h,
+        s,
+        d,
+        kv_h,
+        n,
+    } = Dims::of(q, k)?;
     let g = h / kv_h;
     let past = n - s;
     let out_dtype = q.dtype();
@@ -217,14 +248,14 @@ fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 /// stock cache), [`causal_attention`] the blocked-matmul alternative.
 pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     use rayon::prelude::*;
-    let (b, h, s, d) = q.dims4()?;
-    let (_, kv_h, n, _) = k.dims4()?;
-    if h % kv_h != 0 {
-        candle_core::bail!("query heads {h} are not a multiple of KV heads {kv_h}");
-    }
-    if n < s {
-        candle_core::bail!("{n} cached keys cannot hold {s} new positions");
-    }
+    let Dims {
+        b,
+        h,
+        s,
+        d,
+        kv_h,
+        n,
+    } = Dims::of(q, k)?;
     let g = h / kv_h;
     let past = n - s;
     let scale = scale as f32;
