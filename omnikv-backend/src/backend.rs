@@ -175,7 +175,11 @@ impl KvCacheBackend for OmniKvBackend {
                 let mut per_seq = Vec::with_capacity(b);
                 for i in 0..b {
                     let p = step.prompt_lens[i].min(n);
-                    let budget = self.config.budget.tokens_for(p);
+                    let budget = if p < self.config.min_prompt_len {
+                        p // short prompt: keep every row, the sparse layers run dense
+                    } else {
+                        self.config.budget.tokens_for(p)
+                    };
                     let keys = k.get(i)?.narrow(1, 0, p)?; // (kv_h, P, d)
                     let queries = if keeps_queries {
                         let w = self.selector.window().min(n);

@@ -72,6 +72,8 @@ pub struct OmniKvConfigFile {
     pub num_of_selected_tokens: Option<serde_json::Number>,
     pub selector_cls: Option<String>,
     pub window_size: Option<u64>,
+    /// Not in the published schema: prompts shorter than this decode densely.
+    pub min_prompt_len: Option<u64>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -92,6 +94,7 @@ const KNOWN_KEYS: &[&str] = &[
     "num_of_selected_tokens",
     "selector_cls",
     "window_size",
+    "min_prompt_len",
 ];
 
 /// All problems found in a config, one line each.
@@ -198,6 +201,7 @@ impl OmniKvConfigFile {
             ),
             selector_cls: field(map, "selector_cls", string, &mut e),
             window_size: field(map, "window_size", int, &mut e),
+            min_prompt_len: field(map, "min_prompt_len", int, &mut e),
         };
         (file, e)
     }
@@ -219,6 +223,10 @@ pub struct OmniKvConfig {
     pub budget: TokenBudget,
     pub selector: SelectorKind,
     pub window_size: usize,
+    /// Prompts shorter than this are decoded densely (selection gains
+    /// nothing on short prompts); 0, the default, keeps the published
+    /// behaviour.
+    pub min_prompt_len: usize,
 }
 
 /// Upper bound for counts that size allocations or threads; anything larger
@@ -382,6 +390,13 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
                 None
             }
         };
+        let min_prompt_len = f.min_prompt_len.unwrap_or(0);
+        if min_prompt_len > u32::MAX as u64 {
+            e.push(format!(
+                "`min_prompt_len` = {min_prompt_len}: expected 0..={}",
+                u32::MAX
+            ));
+        }
         let window_size = f.window_size.unwrap_or(16);
         if window_size == 0 || window_size > 4096 {
             e.push(format!("`window_size` = {window_size}: expected 1..=4096"));
@@ -402,6 +417,7 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
             budget: budget.expect("checked above"),
             selector: selector.expect("checked above"),
             window_size: window_size as usize,
+            min_prompt_len: min_prompt_len as usize,
         })
     }
 }

@@ -37,6 +37,10 @@ fn defaults_follow_the_spec() {
     assert_eq!(cfg.selector, SelectorKind::Last);
     assert_eq!(cfg.window_size, 16);
     assert!(!cfg.real_offload);
+    assert_eq!(cfg.min_prompt_len, 0);
+    let cfg =
+        OmniKvConfig::from_value(&json!({"do_select_layers": "2", "min_prompt_len": 512})).unwrap();
+    assert_eq!(cfg.min_prompt_len, 512);
 }
 
 #[test]

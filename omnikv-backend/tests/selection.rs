@@ -446,3 +446,22 @@ fn recomputed_sequence_replays_its_decode_steps() {
         .unwrap();
     assert_eq!(max_diff(&[replayed], &stepwise[stepwise.len() - 1..]), 0.0);
 }
+
+#[test]
+fn prompts_below_min_prompt_len_decode_densely() {
+    let cfg = |min: usize| serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 3, "min_prompt_len": min});
+    let dense = decode(
+        &tiny(serde_json::json!({"do_select_layers": "1", "num_of_selected_tokens": 1.0})),
+        &IDS,
+        30,
+    );
+    assert_eq!(
+        max_diff(&decode(&tiny(cfg(31)), &IDS, 30), &dense),
+        0.0,
+        "30-token prompt below 31 must be dense"
+    );
+    assert!(
+        max_diff(&decode(&tiny(cfg(30)), &IDS, 30), &dense) > 1e-3,
+        "30-token prompt at 30 is sparse"
+    );
+}
