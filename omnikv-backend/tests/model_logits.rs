@@ -15,6 +15,18 @@ use omnikv_backend::model::{llama3_inv_freq, LlamaConfig, LlamaOmniKv};
 use omnikv_backend::{OmniKvBackend, OmniKvConfig};
 
 const ATOL: f32 = 1e-3;
+
+/// Largest absolute elementwise difference of two tensors.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
 const RTOL: f32 = 1e-3;
 
 fn fixture(variant: &str) -> PathBuf {
@@ -213,22 +225,8 @@ fn host_gguf_rope_uses_freq_factors() {
                 .unwrap(),
         )
         .unwrap();
-    let dc = (cos - freqs.cos().unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let ds = (sin - freqs.sin().unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let dc = max_abs_diff(&cos, &freqs.cos().unwrap());
+    let ds = max_abs_diff(&sin, &freqs.sin().unwrap());
     assert!(
         dc < 1e-4 && ds < 1e-4,
         "host rotary tables off by {dc} / {ds}"
@@ -253,14 +251,10 @@ fn host_gguf_rope_uses_freq_factors() {
         DType::F32,
     )
     .unwrap();
-    let d = (none.get_cos_sin().unwrap().0 - old.get_cos_sin().unwrap().0)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(
+        &none.get_cos_sin().unwrap().0,
+        &old.get_cos_sin().unwrap().0,
+    );
     assert_eq!(d, 0.0);
 }
 
