@@ -8,7 +8,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 HOST_VERSION=$(cat patches/HOST_VERSION)
-CRATES=(mistralrs-core mistralrs-cli mistralrs-server-core)
+CRATES=(mistralrs-core mistralrs-cli mistralrs-server-core mistralrs)
 CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 
 cargo fetch --manifest-path host-pin/Cargo.toml --locked -q 2>/dev/null \

@@ -5,6 +5,8 @@
 //! The tests expect `scripts/prepare-host.sh`, `scripts/fetch-model.sh` and
 //! `cargo build -p mistralrs-cli` to have run (`make test` does all three).
 
+pub mod eval;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

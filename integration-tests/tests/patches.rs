@@ -33,7 +33,7 @@ fn prepare_is_idempotent_and_reproduces_host() {
     let prepare = || run(Command::new("bash").arg(tmp.join("scripts/prepare-host.sh")));
     let first = prepare();
     assert!(
-        first.contains("mistralrs-core 0.8.1 prepared with 2 patches"),
+        first.contains("mistralrs-core 0.8.1 prepared with 3 patches"),
         "{first}"
     );
     let second = prepare();
@@ -41,7 +41,12 @@ fn prepare_is_idempotent_and_reproduces_host() {
         second.contains("mistralrs-core up to date") && !second.contains("prepared with"),
         "{second}"
     );
-    for c in ["mistralrs-core", "mistralrs-cli", "mistralrs-server-core"] {
+    for c in [
+        "mistralrs-core",
+        "mistralrs-cli",
+        "mistralrs-server-core",
+        "mistralrs",
+    ] {
         let out = Command::new("diff")
             .args(["-r", "-q", "-x", ".prepared", "-x", "target"])
             .arg(tmp.join("host").join(c))
@@ -55,7 +60,7 @@ fn prepare_is_idempotent_and_reproduces_host() {
         );
     }
     // A patch that no longer applies stops the script with its name.
-    let broken = tmp.join("patches/mistralrs-core/0003-broken.patch");
+    let broken = tmp.join("patches/mistralrs-core/0099-broken.patch");
     std::fs::write(
         &broken,
         "--- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1,1 +1,1 @@\n-this line is not in lib.rs\n+x\n",
@@ -67,7 +72,7 @@ fn prepare_is_idempotent_and_reproduces_host() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("0003-broken.patch does not apply"),
+        !out.status.success() && err.contains("0099-broken.patch does not apply"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&tmp);
@@ -97,6 +102,7 @@ fn pinned_host_matches_patch_set() {
         "mistralrs-core",
         "mistralrs-cli",
         "mistralrs-server-core",
+        "mistralrs",
         "mistralrs-quant",
     ] {
         let entry = format!("name = \"{krate}\"\nversion = \"");

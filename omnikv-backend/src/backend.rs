@@ -21,10 +21,11 @@ use mistralrs_core::kv_backend::{
     AttentionInput, ForwardInfo, ForwardState, KvCache, KvCacheBackend,
 };
 
-use crate::attention::streaming_attention as dense_attention;
-use crate::config::OmniKvConfig;
+use crate::attention::{streaming_attention as dense_attention, tiled_causal_attention};
+use crate::config::{OmniKvConfig, PrefillKernel, RequestOverride, TokenBudget};
 use crate::plan::{LayerPlan, LayerRole};
-use crate::selector::{make_selector, select, Selector};
+use crate::recall::{head_max_distribution, step_recall, Recorder};
+use crate::selector::{make_selector, select_keeping, Selector};
 use crate::sparse_attention::{attended_rows, sparse_decode_attention};
 
 /// Name under which the backend is registered with the host.
@@ -35,6 +36,8 @@ pub struct OmniKvBackend {
     config: Arc<OmniKvConfig>,
     selector: Arc<dyn Selector>,
     plan: Arc<OnceLock<LayerPlan>>,
+    /// Set by `record_recall`: decode densely and record inter-layer recall.
+    recorder: Option<Arc<Recorder>>,
 }
 
 /// State of one forward pass.
@@ -42,18 +45,29 @@ pub struct Step {
     /// A decode step with known prompt lengths: selection is active.
     sparse: bool,
     prompt_lens: Vec<usize>,
+    /// Per sequence: `None` decodes densely (selection switched off by the
+    /// request), otherwise the budget to select with.
+    budgets: Vec<Option<TokenBudget>>,
     /// For each layer, the prompt positions it selected, per sequence.
     selections: Vec<Option<Vec<Vec<u32>>>>,
+    /// Recording only: each layer's distribution over prompt positions, per
+    /// sequence.
+    dists: Vec<Vec<Vec<f32>>>,
 }
 
 impl OmniKvBackend {
     pub fn new(config: OmniKvConfig) -> Self {
         let selector: Arc<dyn Selector> =
             Arc::from(make_selector(config.selector, config.window_size));
+        let recorder = config
+            .record_recall
+            .clone()
+            .map(|p| Arc::new(Recorder::new(p)));
         Self {
             config: Arc::new(config),
             selector,
             plan: Arc::new(OnceLock::new()),
+            recorder,
         }
     }
 
@@ -104,9 +118,55 @@ fn ungroup_queries(qg: &Tensor, d: usize) -> Result<Tensor> {
         .reshape((w, kv_h * g, d))
 }
 
+impl OmniKvBackend {
+    /// Recording mode: keep this layer's distribution over prompt positions
+    /// and, after the last layer, add the step's recall to the recorder.
+    fn record(
+        &self,
+        recorder: &Recorder,
+        step: &mut Step,
+        input: &AttentionInput<'_>,
+        k: &Tensor,
+        layer: usize,
+        scale: f64,
+    ) -> Result<()> {
+        let n = k.dim(2)?;
+        let b = k.dim(0)?;
+        if step.dists.is_empty() {
+            step.dists = vec![Vec::new(); b];
+        }
+        for (i, d) in step.dists.iter_mut().enumerate() {
+            let p = step.prompt_lens[i].min(n);
+            let keys = k.get(i)?.narrow(1, 0, p)?;
+            d.push(head_max_distribution(
+                &input.q.get(i)?.transpose(0, 1)?,
+                &keys,
+                scale,
+            )?);
+        }
+        if layer + 1 == step.selections.len() {
+            for (i, dists) in step.dists.iter().enumerate() {
+                let p = step.prompt_lens[i].min(n);
+                let kk = self.config.budget.tokens_for(p);
+                recorder.add(
+                    dists.len(),
+                    &step_recall(dists, kk),
+                    &format!("{:?}", self.config.budget),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl KvCacheBackend for OmniKvBackend {
     fn name(&self) -> &str {
         BACKEND_NAME
+    }
+
+    fn validate_request_options(&self, options: &serde_json::Value) -> anyhow::Result<()> {
+        RequestOverride::from_value(options)?;
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -130,10 +190,28 @@ impl KvCacheBackend for OmniKvBackend {
             Some(lens) if !info.is_prefill() => (true, lens.clone()),
             _ => (false, Vec::new()),
         };
+        let options = mistralrs_core::kv_backend::current_request_options();
+        let budgets = (0..prompt_lens.len())
+            .map(|i| {
+                let o = options
+                    .as_ref()
+                    .and_then(|o| o.get(i).cloned().flatten())
+                    .map(|v| RequestOverride::from_value(&v))
+                    .transpose()
+                    .map_err(candle_core::Error::msg)?
+                    .unwrap_or_default();
+                Ok(match o.enabled {
+                    Some(false) => None,
+                    _ => Some(o.budget.unwrap_or(self.config.budget)),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Box::new(Step {
             sparse,
             prompt_lens,
+            budgets,
             selections: vec![None; info.num_layers],
+            dists: Vec::new(),
         }))
     }
 
@@ -167,18 +245,29 @@ impl KvCacheBackend for OmniKvBackend {
         };
 
         if !step.sparse {
+            if input.q.dim(2)? >= crate::model::llama::FAST_PREFILL_MIN_TOKENS
+                && self.config.prefill == PrefillKernel::Fast
+            {
+                return tiled_causal_attention(input.q, &k, &v, scale);
+            }
             return dense_attention(input.q, &k, &v, scale);
         }
         let n = k.dim(2)?;
+        if let Some(recorder) = &self.recorder {
+            self.record(recorder, step, input, &k, layer, scale)?;
+            return dense_attention(input.q, &k, &v, scale);
+        }
         match role {
             LayerRole::Filter => {
                 let mut per_seq = Vec::with_capacity(b);
                 for i in 0..b {
                     let p = step.prompt_lens[i].min(n);
-                    let budget = if p < self.config.min_prompt_len {
-                        p // short prompt: keep every row, the sparse layers run dense
-                    } else {
-                        self.config.budget.tokens_for(p)
+                    let budget = match step.budgets[i] {
+                        // Short prompt, or selection switched off by the
+                        // request: keep every row, the sparse layers run dense.
+                        _ if p < self.config.min_prompt_len => p,
+                        None => p,
+                        Some(budget) => budget.tokens_for(p),
                     };
                     let keys = k.get(i)?.narrow(1, 0, p)?; // (kv_h, P, d)
                     let queries = if keeps_queries {
@@ -194,13 +283,14 @@ impl KvCacheBackend for OmniKvBackend {
                     } else {
                         input.q.get(i)?.transpose(0, 1)? // (1, h, d)
                     };
-                    per_seq.push(select(
+                    per_seq.push(select_keeping(
                         &*self.selector,
                         &queries,
                         &keys,
                         scale,
                         budget,
                         n - p,
+                        self.config.keep,
                     )?);
                 }
                 tracing::trace!("omnikv layer {layer}: selected {per_seq:?} of {n} rows");

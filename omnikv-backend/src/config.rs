@@ -49,6 +49,22 @@ impl SelectorKind {
     pub const ALLOWED: &'static str = "\"last\", \"softmax_before_last\", \"uniform\", \"exp\"";
 }
 
+/// How prompt passes compute (not in the published schema).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// Tiled attention on matrix products and f32 copies of quantized
+    /// weights: an order of magnitude faster on CPU, equal to the stock
+    /// arithmetic up to float rounding.
+    Fast,
+    /// The stock kernels' arithmetic, bit for bit (quantized matmuls and the
+    /// host's per-pair attention loop).
+    Exact,
+}
+
+impl PrefillKernel {
+    pub const ALLOWED: &'static str = "\"fast\", \"exact\"";
+}
+
 /// The JSON file as published (`configs/example.json`), every key optional
 /// here so that missing, mistyped and unknown keys can all be reported.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -74,6 +90,15 @@ pub struct OmniKvConfigFile {
     pub window_size: Option<u64>,
     /// Not in the published schema: prompts shorter than this decode densely.
     pub min_prompt_len: Option<u64>,
+    /// Not in the published schema: `"fast"` (default) or `"exact"`.
+    pub prefill: Option<String>,
+    /// Not in the published schema: leading prompt tokens always selected.
+    pub keep_sink_tokens: Option<u64>,
+    /// Not in the published schema: trailing prompt tokens always selected.
+    pub keep_recent_tokens: Option<u64>,
+    /// Not in the published schema: calibration mode, decode densely and
+    /// write the inter-layer recall to this file.
+    pub record_recall: Option<String>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -95,6 +120,10 @@ const KNOWN_KEYS: &[&str] = &[
     "selector_cls",
     "window_size",
     "min_prompt_len",
+    "prefill",
+    "keep_sink_tokens",
+    "keep_recent_tokens",
+    "record_recall",
 ];
 
 /// All problems found in a config, one line each.
@@ -202,6 +231,10 @@ impl OmniKvConfigFile {
             selector_cls: field(map, "selector_cls", string, &mut e),
             window_size: field(map, "window_size", int, &mut e),
             min_prompt_len: field(map, "min_prompt_len", int, &mut e),
+            prefill: field(map, "prefill", string, &mut e),
+            keep_sink_tokens: field(map, "keep_sink_tokens", int, &mut e),
+            keep_recent_tokens: field(map, "keep_recent_tokens", int, &mut e),
+            record_recall: field(map, "record_recall", string, &mut e),
         };
         (file, e)
     }
@@ -227,6 +260,13 @@ pub struct OmniKvConfig {
     /// nothing on short prompts); 0, the default, keeps the published
     /// behaviour.
     pub min_prompt_len: usize,
+    /// Kernels of prompt passes.
+    pub prefill: PrefillKernel,
+    /// Prompt positions every selection keeps (opt-in; none by default, as
+    /// published). They count against the budget.
+    pub keep: crate::selector::Keep,
+    /// Calibration: decode densely and record inter-layer recall here.
+    pub record_recall: Option<std::path::PathBuf>,
 }
 
 /// Upper bound for counts that size allocations or threads; anything larger
@@ -397,6 +437,33 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
                 u32::MAX
             ));
         }
+        let prefill = match f.prefill.as_deref() {
+            None | Some("fast") => Some(PrefillKernel::Fast),
+            Some("exact") => Some(PrefillKernel::Exact),
+            Some(other) => {
+                e.push(format!(
+                    "`prefill` = \"{other}\": expected one of {}",
+                    PrefillKernel::ALLOWED
+                ));
+                None
+            }
+        };
+        let mut keep = crate::selector::Keep::default();
+        for (key, v, slot) in [
+            ("keep_sink_tokens", f.keep_sink_tokens, &mut keep.sink),
+            ("keep_recent_tokens", f.keep_recent_tokens, &mut keep.recent),
+        ] {
+            match v {
+                Some(n) if n > 1 << 20 => {
+                    e.push(format!("`{key}` = {n}: expected 0..={}", 1 << 20))
+                }
+                Some(n) => *slot = n as usize,
+                None => {}
+            }
+        }
+        if f.record_recall.as_deref() == Some("") {
+            e.push("`record_recall` = \"\": expected the path of the file to write".into());
+        }
         let window_size = f.window_size.unwrap_or(16);
         if window_size == 0 || window_size > 4096 {
             e.push(format!("`window_size` = {window_size}: expected 1..=4096"));
@@ -418,6 +485,9 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
             selector: selector.expect("checked above"),
             window_size: window_size as usize,
             min_prompt_len: min_prompt_len as usize,
+            prefill: prefill.expect("checked above"),
+            keep,
+            record_recall: f.record_recall.map(std::path::PathBuf::from),
         })
     }
 }
@@ -461,5 +531,69 @@ impl OmniKvConfig {
             "num_of_selected_tokens": 1.0,
         }))
         .expect("built-in config is valid")
+    }
+}
+
+/// Per-request override of the `omnikv` backend, the `kv_cache` field of a
+/// chat or completion request: `{"enabled": false}` decodes this request with
+/// full attention, `{"budget": 0.2}` (a fraction or a token count) changes its
+/// budget. Absent keys keep the server's configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequestOverride {
+    pub enabled: Option<bool>,
+    pub budget: Option<TokenBudget>,
+}
+
+impl RequestOverride {
+    pub const KEYS: &'static str =
+        "\"enabled\" (true/false), \"budget\" (a token count >= 1 or a fraction in (0, 1])";
+
+    /// Parse and check a request's `kv_cache` object, every problem at once.
+    pub fn from_value(v: &Value) -> Result<Self, ConfigErrors> {
+        let Some(map) = v.as_object() else {
+            return Err(ConfigErrors(vec![format!(
+                "`kv_cache` must be an object with {}, got {}",
+                Self::KEYS,
+                short(v)
+            )]));
+        };
+        let mut e = Vec::new();
+        let mut out = Self::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "enabled" => match value.as_bool() {
+                    Some(b) => out.enabled = Some(b),
+                    None => e.push(format!(
+                        "`enabled` = {}: expected true or false",
+                        short(value)
+                    )),
+                },
+                "budget" => {
+                    let parsed = value
+                        .as_u64()
+                        .filter(|&n| n >= 1 && n <= u32::MAX as u64)
+                        .map(|n| TokenBudget::Count(n as usize))
+                        .or_else(|| {
+                            value
+                                .as_f64()
+                                .filter(|f| *f > 0.0 && *f <= 1.0 && value.as_u64().is_none())
+                                .map(TokenBudget::Ratio)
+                        });
+                    match parsed {
+                        Some(b) => out.budget = Some(b),
+                        None => e.push(format!(
+                            "`budget` = {}: expected a token count >= 1 or a fraction in (0, 1]",
+                            short(value)
+                        )),
+                    }
+                }
+                other => e.push(format!("unknown key `{other}`; known keys: {}", Self::KEYS)),
+            }
+        }
+        if e.is_empty() {
+            Ok(out)
+        } else {
+            Err(ConfigErrors(e))
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod config;
 pub mod model;
 pub mod plan;
+pub mod recall;
 pub mod selector;
 pub mod sparse_attention;
 

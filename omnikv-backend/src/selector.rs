@@ -140,6 +140,17 @@ pub fn top_k_sorted(scores: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
+/// Prompt positions kept at every step whatever their score (an opt-in
+/// extension; the published selection keeps none). Both count against the
+/// budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// The first prompt positions (attention sinks).
+    pub sink: usize,
+    /// The last prompt positions.
+    pub recent: usize,
+}
+
 /// The whole selection for one sequence at one decode step.
 ///
 /// * `queries`: `(w', h, d)`, the newest `w' <= selector.window()` queries,
@@ -160,21 +171,51 @@ pub fn select(
     k: usize,
     decoded: usize,
 ) -> Result<Vec<u32>> {
+    select_keeping(
+        selector,
+        queries,
+        prompt_keys,
+        scale,
+        k,
+        decoded,
+        Keep::default(),
+    )
+}
+
+/// [`select`] that also always keeps `keep.sink` leading and `keep.recent`
+/// trailing prompt positions, within the same budget `k`: the top-k runs over
+/// the positions between them with what is left of `k` (at least 1).
+pub fn select_keeping(
+    selector: &dyn Selector,
+    queries: &Tensor,
+    prompt_keys: &Tensor,
+    scale: f64,
+    k: usize,
+    decoded: usize,
+    keep: Keep,
+) -> Result<Vec<u32>> {
     let p = prompt_keys.dim(1)?;
     if k >= p {
         return Ok((0..p as u32).collect());
     }
-    let kept = if selector.window() > 1 {
+    let window_tail = if selector.window() > 1 {
         selector.window().saturating_sub(decoded).min(p)
     } else {
         0
     };
-    if kept == p {
+    let tail = window_tail.max(keep.recent).min(p);
+    let sink = keep.sink.min(p - tail);
+    if sink + tail == p {
         return Ok((0..p as u32).collect());
     }
-    let rest = p - kept;
+    let rest = p - tail;
     let scores: Vec<f32> = selector.scores(queries, prompt_keys, scale)?.to_vec1()?;
-    let mut out = top_k_sorted(&scores[..rest], k.saturating_sub(kept).max(1));
+    let mut out: Vec<u32> = (0..sink as u32).collect();
+    out.extend(
+        top_k_sorted(&scores[sink..rest], k.saturating_sub(sink + tail).max(1))
+            .into_iter()
+            .map(|i| i + sink as u32),
+    );
     out.extend(rest as u32..p as u32);
     Ok(out)
 }

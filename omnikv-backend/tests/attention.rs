@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use omnikv_backend::attention::{
-    causal_attention, reference_attention, streaming_attention, QUERY_CHUNK,
+    causal_attention, exp_nonpositive, reference_attention, streaming_attention,
+    tiled_causal_attention, PREFILL_TILE, QUERY_CHUNK,
 };
 
 struct Case {
@@ -64,7 +65,42 @@ const CASES: &[Case] = &[
         new: 1,
         batch: 3,
     },
+    Case {
+        head_dim: 64,
+        kv_heads: 3,
+        group: 3,
+        past: 5,
+        new: PREFILL_TILE * 3 + 1,
+        batch: 2,
+    },
 ];
+
+#[test]
+fn fast_exp_matches_std() {
+    // The argument reduction `x * log2(e)` rounds in f32, so the relative
+    // error grows with |x|: ~1e-6 where softmax weights matter, 1e-5 at the
+    // bottom of the normal range.
+    let (mut near, mut far) = (0f32, 0f32);
+    let mut x = 0f32;
+    while x > -90.0 {
+        let (got, want) = (exp_nonpositive(x), (x as f64).exp());
+        if want > f32::MIN_POSITIVE as f64 {
+            let rel = ((got as f64 - want) / want).abs() as f32;
+            if x > -20.0 {
+                near = near.max(rel);
+            } else {
+                far = far.max(rel);
+            }
+        } else {
+            assert!(got <= 2.0 * f32::MIN_POSITIVE, "exp({x}) = {got}");
+        }
+        x -= 0.001_37;
+    }
+    assert!(near < 2e-6, "max relative error on [-20, 0]: {near}");
+    assert!(far < 1e-5, "max relative error below -20: {far}");
+    assert_eq!(exp_nonpositive(0.0), 1.0);
+    assert!(exp_nonpositive(-1000.0) < 1e-37);
+}
 
 #[test]
 fn chunked_attention_matches_reference() {
@@ -83,6 +119,10 @@ fn chunked_attention_matches_reference() {
                 causal_attention(&q, &k, &v, scale).unwrap(),
             ),
             ("streaming", streaming_attention(&q, &k, &v, scale).unwrap()),
+            (
+                "tiled prefill",
+                tiled_causal_attention(&q, &k, &v, scale).unwrap(),
+            ),
         ] {
             assert_eq!(got.dims(), want.dims());
             let diff = (got - &want)

@@ -106,7 +106,71 @@ const BAD: &[Bad] = &[
     Bad { json: r#"{"do_select_layers": "2", "real_offload": "yes"}"#, expect: "`real_offload` = \"yes\": expected true or false" },
     Bad { json: r#"{"do_select_layers": "2", "num_wait_load_layers": -1}"#, expect: "`num_wait_load_layers` = -1: expected a non-negative integer" },
     Bad { json: r#"{"do_select_layers": "2", "selector": "last"}"#, expect: "unknown key `selector`; known keys: cpu_num_threads" },
+    Bad { json: r#"{"do_select_layers": "2", "prefill": "turbo"}"#, expect: "`prefill` = \"turbo\": expected one of \"fast\", \"exact\"" },
+    Bad { json: r#"{"do_select_layers": "2", "keep_sink_tokens": -4}"#, expect: "`keep_sink_tokens` = -4: expected a non-negative integer" },
+    Bad { json: r#"{"do_select_layers": "2", "keep_recent_tokens": 99999999}"#, expect: "`keep_recent_tokens` = 99999999: expected 0..=1048576" },
+    Bad { json: r#"{"do_select_layers": "2", "record_recall": ""}"#, expect: "`record_recall` = \"\": expected the path" },
 ];
+
+#[test]
+fn request_overrides() {
+    use omnikv_backend::config::{RequestOverride, TokenBudget};
+    let ok = |v: serde_json::Value| RequestOverride::from_value(&v).unwrap();
+    assert_eq!(ok(json!({})), RequestOverride::default());
+    assert_eq!(ok(json!({"enabled": false})).enabled, Some(false));
+    assert_eq!(
+        ok(json!({"budget": 0.2})).budget,
+        Some(TokenBudget::Ratio(0.2))
+    );
+    assert_eq!(
+        ok(json!({"budget": 1.0})).budget,
+        Some(TokenBudget::Ratio(1.0))
+    );
+    assert_eq!(
+        ok(json!({"budget": 512})).budget,
+        Some(TokenBudget::Count(512))
+    );
+    for (bad, want) in [
+        (json!({"budget": 0}), "`budget` = 0"),
+        (json!({"budget": -0.5}), "`budget` = -0.5"),
+        (json!({"budget": 1.5}), "`budget` = 1.5"),
+        (json!({"budget": "all"}), "`budget` = \"all\""),
+        (
+            json!({"enabled": 1}),
+            "`enabled` = 1: expected true or false",
+        ),
+        (json!({"enable": true}), "unknown key `enable`"),
+        (json!("off"), "must be an object"),
+    ] {
+        let e = RequestOverride::from_value(&bad).unwrap_err().to_string();
+        assert!(e.contains(want), "{bad}: {e}");
+    }
+    // Every problem at once.
+    let e = RequestOverride::from_value(&json!({"budget": 0, "enabled": "x"})).unwrap_err();
+    assert_eq!(e.0.len(), 2, "{e}");
+}
+
+#[test]
+fn new_keys_default_to_the_published_behaviour() {
+    use omnikv_backend::config::PrefillKernel;
+    use omnikv_backend::selector::Keep;
+    let cfg = OmniKvConfig::from_value(&json!({"do_select_layers": "2"})).unwrap();
+    assert_eq!(cfg.prefill, PrefillKernel::Fast);
+    assert_eq!(cfg.keep, Keep::default());
+    assert_eq!(cfg.record_recall, None);
+    let cfg = OmniKvConfig::from_value(&json!({
+        "do_select_layers": "2", "prefill": "exact", "keep_sink_tokens": 4, "keep_recent_tokens": 32
+    }))
+    .unwrap();
+    assert_eq!(cfg.prefill, PrefillKernel::Exact);
+    assert_eq!(
+        cfg.keep,
+        Keep {
+            sink: 4,
+            recent: 32
+        }
+    );
+}
 
 #[test]
 fn each_invalid_value_is_named() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope, KvCacheBackend};
 use omnikv_backend::config::SelectorKind;
-use omnikv_backend::selector::{make_selector, select, top_k_sorted};
+use omnikv_backend::selector::{make_selector, select, select_keeping, top_k_sorted, Keep};
 use omnikv_backend::sparse_attention::{attended_rows, sparse_decode_attention};
 use omnikv_backend::{LlamaOmniKv, OmniKvBackend, OmniKvConfig};
 
@@ -463,5 +463,48 @@ fn prompts_below_min_prompt_len_decode_densely() {
     assert!(
         max_diff(&decode(&tiny(cfg(30)), &IDS, 30), &dense) > 1e-3,
         "30-token prompt at 30 is sparse"
+    );
+}
+
+#[test]
+fn keeping_sinks_and_recent_tokens() {
+    let dev = Device::Cpu;
+    let (h, d, p) = (4, 8, 60);
+    let q = Tensor::from_slice(&rand_vec(h * d, 11), (1, h, d), &dev).unwrap();
+    let k = Tensor::from_slice(&rand_vec(2 * p * d, 12), (2, p, d), &dev).unwrap();
+    let last = make_selector(SelectorKind::Last, 16);
+    let scores: Vec<f32> = last.scores(&q, &k, 0.3).unwrap().to_vec1().unwrap();
+    for (sink, recent, budget) in [
+        (0, 0, 10),
+        (4, 0, 10),
+        (0, 8, 10),
+        (4, 8, 20),
+        (4, 8, 12),
+        (4, 8, 5),
+        (30, 30, 10),
+    ] {
+        let got = select_keeping(&*last, &q, &k, 0.3, budget, 1, Keep { sink, recent }).unwrap();
+        // Plain reference: sinks, recent tail, best of the middle by a full sort.
+        let tail = recent.min(p);
+        let sink_n = sink.min(p - tail);
+        let mut want: Vec<u32> = (0..sink_n as u32).collect();
+        if sink_n + tail < p {
+            let mut mid: Vec<usize> = (sink_n..p - tail).collect();
+            mid.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            let take = budget.saturating_sub(sink_n + tail).max(1);
+            let mut best: Vec<u32> = mid[..take.min(mid.len())]
+                .iter()
+                .map(|&j| j as u32)
+                .collect();
+            best.sort();
+            want.extend(best);
+        }
+        want.extend((p - tail) as u32..p as u32);
+        assert_eq!(got, want, "sink {sink} recent {recent} budget {budget}");
+    }
+    // No kept tokens: exactly the published selection.
+    assert_eq!(
+        select_keeping(&*last, &q, &k, 0.3, 9, 1, Keep::default()).unwrap(),
+        select(&*last, &q, &k, 0.3, 9, 1).unwrap()
     );
 }

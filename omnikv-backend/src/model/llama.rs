@@ -265,11 +265,36 @@ impl RmsNorm {
     }
 }
 
+/// A projection: the weights as loaded (quantized for GGUF) and, for the fast
+/// prefill, an f32 copy used by prompt passes (candle has no SIMD kernel for
+/// some quantizations, e.g. Q4_1, so long prompts go through the threaded f32
+/// GEMM instead). Steps shorter than [`FAST_PREFILL_MIN_TOKENS`] use the
+/// loaded weights, so short prompts and decode keep the stock arithmetic.
+struct Linear {
+    weights: QMatMul,
+    prefill_f32: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.prefill_f32 {
+            Some(w) if x.rank() == 3 && x.dim(1)? >= FAST_PREFILL_MIN_TOKENS => {
+                x.broadcast_matmul(&w.t()?)
+            }
+            _ => self.weights.forward(x),
+        }
+    }
+}
+
+/// Prompt passes of at least this many tokens take the fast prefill kernels
+/// (when configured); shorter ones cost little and keep the stock arithmetic.
+pub const FAST_PREFILL_MIN_TOKENS: usize = 64;
+
 struct Attention {
-    q_proj: QMatMul,
-    k_proj: QMatMul,
-    v_proj: QMatMul,
-    o_proj: QMatMul,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -333,9 +358,9 @@ impl Attention {
 // ------------------------------------------------------------------- mlp ---
 
 struct Mlp {
-    gate_proj: QMatMul,
-    up_proj: QMatMul,
-    down_proj: QMatMul,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl Mlp {
@@ -439,8 +464,11 @@ impl LlamaOmniKv {
         // the model lives, as for every safetensors loader.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(safetensors, dtype, device)? };
         let (hd, kvh, nh) = (cfg.head_dim(), cfg.num_kv_heads(), cfg.num_attention_heads);
-        let linear = |vb: &VarBuilder, out: usize, inp: usize| -> Result<QMatMul> {
-            Ok(QMatMul::Tensor(vb.get((out, inp), "weight")?))
+        let linear = |vb: &VarBuilder, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                weights: QMatMul::Tensor(vb.get((out, inp), "weight")?),
+                prefill_f32: None,
+            })
         };
         let vb_m = vb.pp("model");
         let embed = vb_m
@@ -449,7 +477,7 @@ impl LlamaOmniKv {
         let lm_head = if cfg.tie_word_embeddings {
             QMatMul::Tensor(embed.clone())
         } else {
-            linear(&vb.pp("lm_head"), cfg.vocab_size, cfg.hidden_size)?
+            linear(&vb.pp("lm_head"), cfg.vocab_size, cfg.hidden_size)?.weights
         };
         let rotary = Arc::new(Rotary::new(
             &llama3_inv_freq(cfg.rope_theta, hd, cfg.rope_scaling.as_ref()),
@@ -617,14 +645,29 @@ impl LlamaOmniKv {
             })
         };
         let final_norm = norm("output_norm.weight")?;
+        let fast_prefill = backend
+            .as_any()
+            .downcast_ref::<crate::backend::OmniKvBackend>()
+            .is_some_and(|b| b.config().prefill == crate::config::PrefillKernel::Fast);
+        let mut prefill_bytes = 0usize;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("blk.{i}");
-            let mut q = |n: &str| -> anyhow::Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(
-                    ct.tensor(&mut file, &format!("{p}.{n}.weight"), device)
-                        .with_context(|| format!("GGUF tensor `{p}.{n}.weight`"))?,
-                )?)
+            let mut q = |n: &str| -> anyhow::Result<Linear> {
+                let t = ct
+                    .tensor(&mut file, &format!("{p}.{n}.weight"), device)
+                    .with_context(|| format!("GGUF tensor `{p}.{n}.weight`"))?;
+                let prefill_f32 = if fast_prefill {
+                    let w = t.dequantize(device)?.to_dtype(DType::F32)?;
+                    prefill_bytes += w.elem_count() * 4;
+                    Some(w)
+                } else {
+                    None
+                };
+                Ok(Linear {
+                    weights: QMatMul::from_qtensor(t)?,
+                    prefill_f32,
+                })
             };
             let attn = Attention {
                 q_proj: q("attn_q")?,
@@ -660,6 +703,12 @@ impl LlamaOmniKv {
                 },
                 mlp,
             });
+        }
+        if fast_prefill {
+            tracing::info!(
+                "llama_omnikv: fast prefill keeps f32 copies of the projections ({:.0} MiB)",
+                prefill_bytes as f64 / (1 << 20) as f64
+            );
         }
         let cfg = LlamaConfig { vocab_size, ..cfg };
         Ok(Self {

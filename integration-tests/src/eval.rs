@@ -1,0 +1,487 @@
+//! Fidelity evaluation through the real server: needle-in-a-haystack on an
+//! essay haystack, the spec's two-stage retrieval (2StageRetr) and a
+//! two-needle variant, each case sent as one greedy chat request to a server
+//! per variant (`--kv-cache default`, or `omnikv` at a budget).
+//!
+//! Cases are generated deterministically (fixed seeds), so two runs ask the
+//! same questions; answers are cached per variant and case in a JSONL file,
+//! so an interrupted run resumes where it stopped.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{root, Server};
+
+/// Characters per token of English prose for SmolLM2's tokenizer (measured on
+/// the essay haystack); used to size haystacks, the report shows the real
+/// token counts the server returned.
+pub const CHARS_PER_TOKEN: f64 = 4.3;
+
+/// Tiny deterministic generator (SplitMix64), so cases do not depend on a
+/// crate's RNG stream.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Suite {
+    /// One passcode sentence at a depth of an essay haystack.
+    Needle,
+    /// The spec's 2StageRetr: a `{key: colour}` dictionary and a sum that
+    /// names the key.
+    TwoStage,
+    /// Two facts in the haystack: the first names a locker, the second (among
+    /// distractor lockers) holds the code; the second is only needed once the
+    /// first is found.
+    TwoNeedle,
+}
+
+impl Suite {
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Needle => "needle",
+            Suite::TwoStage => "2StageRetr",
+            Suite::TwoNeedle => "two-needle",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Case {
+    pub id: String,
+    pub suite: Suite,
+    /// Target prompt length in tokens (the bucket in the report).
+    pub length: usize,
+    /// Depth of the (first) needle in percent, where it applies.
+    pub depth: Option<u32>,
+    pub prompt: String,
+    /// What a correct answer contains.
+    pub answer: String,
+    /// Wrong answers that the task plants (distractors); an output naming
+    /// one of them before the answer is wrong.
+    pub distractors: Vec<String>,
+    pub max_tokens: usize,
+}
+
+/// Is `output` correct for `case`? The answer must appear, and no planted
+/// distractor may appear before it.
+pub fn score(case: &Case, output: &str) -> bool {
+    let out = output.to_lowercase();
+    let Some(at) = find_word(&out, &case.answer.to_lowercase()) else {
+        return false;
+    };
+    !case
+        .distractors
+        .iter()
+        .filter_map(|d| find_word(&out, &d.to_lowercase()))
+        .any(|d| d < at)
+}
+
+/// Position of `word` in `text` as a whole word (not inside a longer word or
+/// number).
+fn find_word(text: &str, word: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(i) = text[from..].find(word) {
+        let s = from + i;
+        let e = s + word.len();
+        let before = s == 0 || !bytes[s - 1].is_ascii_alphanumeric();
+        let after = e == bytes.len() || !bytes[e].is_ascii_alphanumeric();
+        if before && after {
+            return Some(s);
+        }
+        from = s + 1;
+    }
+    None
+}
+
+/// The essay haystack (`scripts/fetch-haystack.sh`), essays concatenated in
+/// file-name order, whitespace normalised.
+pub fn load_haystack(dir: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| {
+            format!(
+                "cannot read the haystack in `{}`: run scripts/fetch-haystack.sh first",
+                dir.display()
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "no essays in `{}`: run scripts/fetch-haystack.sh first",
+            dir.display()
+        );
+    }
+    let mut text = String::new();
+    for f in files {
+        let t = std::fs::read_to_string(&f)?;
+        text.push_str(&t.split_whitespace().collect::<Vec<_>>().join(" "));
+        text.push(' ');
+    }
+    Ok(text)
+}
+
+/// The first `chars` characters of the haystack, cut at a sentence end.
+fn haystack_prefix(haystack: &str, chars: usize) -> &str {
+    let mut end = chars.min(haystack.len());
+    while !haystack.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = haystack[..end].rfind(". ").map(|i| i + 1).unwrap_or(end);
+    &haystack[..cut]
+}
+
+/// Insert `needles` (depth in percent, sentence) into `text` at sentence
+/// boundaries.
+fn insert_needles(text: &str, needles: &[(u32, String)]) -> String {
+    let mut spots: Vec<(usize, &str)> = needles
+        .iter()
+        .map(|(depth, s)| {
+            let want = text.len() * (*depth as usize) / 100;
+            let at = if want >= text.len() {
+                text.len()
+            } else {
+                text[..want].rfind(". ").map(|i| i + 2).unwrap_or(0)
+            };
+            (at, s.as_str())
+        })
+        .collect();
+    spots.sort_by_key(|(at, _)| *at);
+    let mut out = String::with_capacity(text.len() + 256);
+    let mut last = 0;
+    for (at, s) in spots {
+        out.push_str(&text[last..at]);
+        if !out.is_empty() && !out.ends_with(' ') {
+            out.push(' ');
+        }
+        out.push_str(s);
+        out.push(' ');
+        last = at;
+    }
+    out.push_str(&text[last..]);
+    out
+}
+
+fn document_prompt(document: &str, question: &str) -> String {
+    format!(
+        "Read the document and answer the question.\n\nDocument:\n{document}\n\nQuestion: {question}"
+    )
+}
+
+/// Needle-in-a-haystack: one case per length and depth.
+pub fn needle_cases(haystack: &str, lengths: &[usize], depths: &[u32]) -> Vec<Case> {
+    let mut rng = Rng::new(0x5eed_0001);
+    let mut cases = Vec::new();
+    for &len in lengths {
+        let text = haystack_prefix(haystack, (len as f64 * CHARS_PER_TOKEN) as usize);
+        for &depth in depths {
+            let code = 10_000 + rng.below(90_000);
+            let needle = format!("The secret code of the blue vault is {code}.");
+            let doc = insert_needles(text, &[(depth, needle)]);
+            cases.push(Case {
+                id: format!("needle-{len}-{depth}"),
+                suite: Suite::Needle,
+                length: len,
+                depth: Some(depth),
+                prompt: document_prompt(&doc, "What is the secret code of the blue vault?"),
+                answer: code.to_string(),
+                distractors: Vec::new(),
+                max_tokens: 32,
+            });
+        }
+    }
+    cases
+}
+
+pub const COLOURS: [&str; 23] = [
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
+    "grey", "gold", "silver", "cyan", "magenta", "maroon", "navy", "olive", "teal", "violet",
+    "indigo", "beige", "lime",
+];
+
+/// 2StageRetr: a dictionary `{i: colour}` for `i < n` and a sum `a + b`
+/// naming the key; `per_size` cases for each dictionary size.
+pub fn two_stage_cases(sizes: &[usize], per_size: usize) -> Vec<Case> {
+    let mut rng = Rng::new(0x5eed_0002);
+    let mut cases = Vec::new();
+    for &n in sizes {
+        for c in 0..per_size {
+            let colours: Vec<&str> = (0..n)
+                .map(|_| COLOURS[rng.below(COLOURS.len() as u64) as usize])
+                .collect();
+            // Keys spread over the dictionary; `a` a multiple of ten so the
+            // arithmetic stays within a small model's reach.
+            let key = ((c * 2 + 1) * n / (per_size * 2)).min(n - 1);
+            let a = key / 10 * 10;
+            let b = key - a;
+            let dict: String = colours
+                .iter()
+                .enumerate()
+                .map(|(i, col)| format!("{i}: {col}\n"))
+                .collect();
+            let answer = colours[key].to_string();
+            let distractors = COLOURS
+                .iter()
+                .filter(|c| **c != answer)
+                .map(|c| c.to_string())
+                .collect();
+            cases.push(Case {
+                id: format!("2stage-{n}-{c}"),
+                suite: Suite::TwoStage,
+                length: n,
+                depth: Some((100 * key / n) as u32),
+                prompt: format!(
+                    "Here is a dictionary that maps numbers to colours:\n{dict}\nQuestion: compute {a} + {b}, then give the colour that the dictionary maps that number to."
+                ),
+                answer,
+                distractors,
+                max_tokens: 40,
+            });
+        }
+    }
+    cases
+}
+
+/// Two needles: locker number first, then the code in that locker among
+/// distractor lockers; one case per length and depth pair.
+pub fn two_needle_cases(haystack: &str, lengths: &[usize], depths: &[(u32, u32)]) -> Vec<Case> {
+    let mut rng = Rng::new(0x5eed_0003);
+    let mut cases = Vec::new();
+    for &len in lengths {
+        let text = haystack_prefix(haystack, (len as f64 * CHARS_PER_TOKEN) as usize);
+        for &(d1, d2) in depths {
+            let locker = 10 + rng.below(80);
+            let other = [(locker + 17) % 90 + 10, (locker + 41) % 90 + 10];
+            let code = 10_000 + rng.below(90_000);
+            let wrong: Vec<u64> = (0..2).map(|_| 10_000 + rng.below(90_000)).collect();
+            let mut needles = vec![
+                (
+                    d1,
+                    format!("The key to the archive is kept in locker {locker}."),
+                ),
+                (d2, format!("Locker {locker} holds the access code {code}.")),
+            ];
+            for (i, (l, w)) in other.iter().zip(&wrong).enumerate() {
+                needles.push((
+                    (d2 + 37 * (i as u32 + 1)) % 100,
+                    format!("Locker {l} holds the access code {w}."),
+                ));
+            }
+            let doc = insert_needles(text, &needles);
+            cases.push(Case {
+                id: format!("2needle-{len}-{d1}-{d2}"),
+                suite: Suite::TwoNeedle,
+                length: len,
+                depth: Some(d1),
+                prompt: document_prompt(
+                    &doc,
+                    "Which access code is in the locker where the key to the archive is kept? First name the locker, then its code.",
+                ),
+                answer: code.to_string(),
+                distractors: wrong.iter().map(|w| w.to_string()).collect(),
+                max_tokens: 48,
+            });
+        }
+    }
+    cases
+}
+
+/// What runs a case: the stock cache, or OmniKV with a base config, a budget
+/// and optional extra config keys.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Variant {
+    Default,
+    OmniKv {
+        budget: f64,
+        extra: serde_json::Map<String, Value>,
+    },
+}
+
+impl Variant {
+    /// `default`, `omnikv@0.1`, or `omnikv@0.1:key=value+key=value` (values
+    /// are JSON, bare words are strings).
+    pub fn parse(spec: &str) -> Result<Self> {
+        if spec == "default" {
+            return Ok(Variant::Default);
+        }
+        let Some(rest) = spec.strip_prefix("omnikv@") else {
+            bail!(
+                "variant `{spec}`: expected `default` or `omnikv@<budget>[:key=value+key=value]`"
+            );
+        };
+        let (budget, extra_spec) = rest.split_once(':').unwrap_or((rest, ""));
+        let budget: f64 = budget
+            .parse()
+            .ok()
+            .filter(|b: &f64| *b > 0.0)
+            .with_context(|| format!("variant `{spec}`: budget `{budget}` is not a number > 0"))?;
+        let mut extra = serde_json::Map::new();
+        for kv in extra_spec.split('+').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("variant `{spec}`: `{kv}` is not key=value"))?;
+            let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+            extra.insert(k.to_string(), v);
+        }
+        Ok(Variant::OmniKv { budget, extra })
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            Variant::Default => "default".into(),
+            Variant::OmniKv { budget, extra } if extra.is_empty() => format!("omnikv@{budget}"),
+            Variant::OmniKv { budget, extra } => format!(
+                "omnikv@{budget}:{}",
+                extra
+                    .iter()
+                    .map(|(k, v)| format!(
+                        "{k}={}",
+                        v.as_str().map(String::from).unwrap_or(v.to_string())
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("+")
+            ),
+        }
+    }
+
+    /// The OmniKV config JSON for this variant on top of `base`.
+    pub fn config(&self, base: &Value) -> Option<Value> {
+        let Variant::OmniKv { budget, extra } = self else {
+            return None;
+        };
+        let mut cfg = base.as_object().cloned().unwrap_or_default();
+        let budget = if budget.fract() == 0.0 && *budget > 1.0 {
+            Value::from(*budget as u64)
+        } else {
+            Value::from(*budget)
+        };
+        cfg.insert("num_of_selected_tokens".into(), budget);
+        for (k, v) in extra {
+            cfg.insert(k.clone(), v.clone());
+        }
+        Some(Value::Object(cfg))
+    }
+
+    /// Start a server for this variant.
+    pub fn start(&self, base: &Value, scratch: &Path) -> Result<Server> {
+        match self.config(base) {
+            None => Server::start("default", &[]),
+            Some(cfg) => {
+                std::fs::create_dir_all(scratch)?;
+                let label: String = self
+                    .label()
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                let path = scratch.join(format!("{label}.json"));
+                std::fs::write(&path, serde_json::to_string_pretty(&cfg)?)?;
+                Server::start("omnikv", &["--kv-cache-config", path.to_str().unwrap()])
+            }
+        }
+    }
+}
+
+/// One answered case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    pub variant: String,
+    pub case: String,
+    /// FNV-1a of the prompt and the variant's config: a changed case or
+    /// config is asked again.
+    pub key: u64,
+    pub prompt_tokens: usize,
+    pub output: String,
+    pub correct: bool,
+    pub prompt_time_sec: f64,
+    pub total_time_sec: f64,
+}
+
+pub fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0xff)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Answers already in the cache file, by (variant, case).
+pub fn load_cache(path: &Path) -> BTreeMap<(String, String), Outcome> {
+    let mut map = BTreeMap::new();
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for line in text.lines() {
+            if let Ok(o) = serde_json::from_str::<Outcome>(line) {
+                map.insert((o.variant.clone(), o.case.clone()), o);
+            }
+        }
+    }
+    map
+}
+
+pub fn append_cache(path: &Path, o: &Outcome) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{}", serde_json::to_string(o)?)?;
+    Ok(())
+}
+
+/// A short description of this machine for result files.
+pub fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kib| kib / (1024.0 * 1024.0))
+        .unwrap_or(0.0);
+    format!("{cpu}, {cores} cores, {mem_gib:.0} GiB RAM, no GPU")
+}
+
+/// Default location of the haystack essays.
+pub fn haystack_dir() -> PathBuf {
+    root().join("data/haystack")
+}

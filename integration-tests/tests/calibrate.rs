@@ -1,0 +1,99 @@
+//! `omnikv-calibrate` end to end on a small input: the tiny safetensors
+//! Llama-3.1 served by the real server, three short calibration prompts and
+//! two held-out ones. Checks the files it writes: a config that loads, the
+//! recall matrix (one row per layer, values in [0, 1], self-recall of a
+//! budget covering everything = 1), the SVG heatmap and the evidence table.
+
+use std::process::Command;
+
+use integration_tests::{root, serial};
+use omnikv_backend::recall::RecallStats;
+use omnikv_backend::OmniKvConfig;
+
+#[test]
+fn calibration_writes_config_recall_and_heatmap() {
+    let _guard = serial();
+    let dir = std::env::temp_dir().join(format!("omnikv-calib-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("prompts.json");
+    let heldout = dir.join("heldout.json");
+    let base = dir.join("base.json");
+    std::fs::write(
+        &prompts,
+        r#"["t5 t9 t33 t100 t7 t250 t18 t40 t41 t42 t43 t44", "t200 t201 t3 t4 t5 t6 t7 t8 t9 t10", "t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11 t12 t13"]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        &heldout,
+        r#"["t9 t8 t7 t6 t5 t4 t3 t2 t1", "t60 t61 t62 t63 t64 t65"]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        &base,
+        r#"{"do_select_layers": "1", "selector_cls": "last"}"#,
+    )
+    .unwrap();
+    let out = dir.join("tiny.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_omnikv-calibrate"))
+        .args(["--plain-model"])
+        .arg(root().join("omnikv-backend/tests/fixtures/tiny-llama31"))
+        .args([
+            "--filters",
+            "1",
+            "--wait-load",
+            "0",
+            "--first",
+            "0,1",
+            "--budget",
+            "1.0",
+        ])
+        .args(["--max-tokens", "6", "--candidates", "1"])
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--heldout")
+        .arg(&heldout)
+        .arg("--base")
+        .arg(&base)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run omnikv-calibrate");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "omnikv-calibrate failed:\n{log}");
+
+    let cfg = OmniKvConfig::from_file(&out).expect("the written config loads");
+    assert_eq!(cfg.num_wait_load_layers, 0);
+    assert_eq!(cfg.filter_layers.len(), 1);
+
+    let stats: RecallStats =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tiny-recall.json")).unwrap())
+            .unwrap();
+    assert_eq!(stats.layers, 2);
+    assert!(stats.steps >= 3, "{} decode steps recorded", stats.steps);
+    assert_eq!(stats.recall.len(), 2);
+    for row in &stats.recall {
+        assert_eq!(row.len(), 2);
+        for v in row {
+            assert!((0.0..=1.0 + 1e-6).contains(v), "recall {v}");
+        }
+    }
+    // Budget 1.0 keeps every prompt position: every layer recalls all mass.
+    for (a, row) in stats.recall.iter().enumerate() {
+        for (b, v) in row.iter().enumerate() {
+            assert!((v - 1.0).abs() < 1e-4, "S({a},{b}) = {v} at a full budget");
+        }
+    }
+    let svg = std::fs::read_to_string(dir.join("tiny-recall.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("S(1,0)"), "{svg}");
+    let md = std::fs::read_to_string(dir.join("tiny-calibration.md")).unwrap();
+    assert!(
+        md.contains("| rank | filter layers |") && md.contains("Chosen:"),
+        "{md}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
