@@ -9,7 +9,7 @@ KV_CACHE ?= omnikv
 KV_CACHE_CONFIG ?= configs/example.json
 CARGO ?= cargo
 
-.PHONY: prepare build serve test fixtures fmt
+.PHONY: prepare build serve test eval calibrate fixtures fmt
 
 ## Extract and patch the pinned host crates, fetch the model.
 prepare:
@@ -35,6 +35,19 @@ serve: build
 ## end-to-end HTTP tests against stock mistral.rs outputs.
 test: build
 	$(CARGO) test --workspace
+
+## Fidelity evaluation through the real server (writes results/fidelity.md).
+EVAL_ARGS ?= --variants omnikv@1.0,omnikv@0.067,omnikv@0.1 --config configs/smollm2-135m.json
+eval: build
+	scripts/fetch-haystack.sh
+	target/debug/omnikv-eval $(EVAL_ARGS)
+
+## Filter-layer calibration (writes configs/smollm2-135m*.{json,svg,md}).
+CALIBRATE_ARGS ?= --filters 3 --wait-load 1 --budget 0.1 --candidates "2,8,18;3,6,19;2,10,14,19" \
+  --base configs/smollm2-135m.json --out configs/smollm2-135m.json
+calibrate: build
+	scripts/fetch-haystack.sh
+	target/debug/omnikv-calibrate $(CALIBRATE_ARGS)
 
 ## Rewrite the tiny Llama fixtures (needs torch, transformers, gguf).
 fixtures:

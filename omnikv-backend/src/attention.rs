@@ -230,6 +230,77 @@ impl Online {
     }
 }
 
+/// Rows of a CPU tensor `(b, heads, len, d)` whose last dimension is
+/// contiguous, borrowed from its storage in their own dtype.
+pub struct RowView<'a> {
+    data: RowData<'a>,
+    offset: usize,
+    strides: [usize; 3],
+    d: usize,
+}
+
+enum RowData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    BF16(&'a [half::bf16]),
+}
+
+impl RowView<'_> {
+    /// Row `(bi, head, pos)` converted to f32 into `out` (`d` values).
+    #[inline]
+    pub fn load(&self, bi: usize, head: usize, pos: usize, out: &mut [f32]) {
+        let at =
+            self.offset + bi * self.strides[0] + head * self.strides[1] + pos * self.strides[2];
+        let d = self.d;
+        match self.data {
+            RowData::F32(x) => out.copy_from_slice(&x[at..at + d]),
+            RowData::F16(x) => {
+                for (o, v) in out.iter_mut().zip(&x[at..at + d]) {
+                    *o = v.to_f32();
+                }
+            }
+            RowData::BF16(x) => {
+                for (o, v) in out.iter_mut().zip(&x[at..at + d]) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// Run `f` with a [`RowView`] of `t` (rank 4). CPU tensors in f32/f16/bf16
+/// with a contiguous last dimension are borrowed in place; anything else is
+/// first copied to a contiguous f32 tensor.
+pub fn with_rows<R>(t: &Tensor, f: impl FnOnce(&RowView<'_>) -> Result<R>) -> Result<R> {
+    use candle_core::{CpuStorage, Storage};
+    let (_, _, _, d) = t.dims4()?;
+    {
+        let (storage, layout) = t.storage_and_layout();
+        let st = layout.stride();
+        if let (Storage::Cpu(cpu), true) = (&*storage, st[3] == 1 || d == 1) {
+            let data = match cpu {
+                CpuStorage::F32(x) => Some(RowData::F32(x)),
+                CpuStorage::F16(x) => Some(RowData::F16(x)),
+                CpuStorage::BF16(x) => Some(RowData::BF16(x)),
+                _ => None,
+            };
+            if let Some(data) = data {
+                return f(&RowView {
+                    data,
+                    offset: layout.start_offset(),
+                    strides: [st[0], st[1], st[2]],
+                    d,
+                });
+            }
+        }
+    }
+    let owned = t
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    with_rows(&owned, f)
+}
+
 /// Keys per block of a decode step (blocks run in parallel, then merge in order).
 const DECODE_TILE: usize = 16;
 
@@ -259,7 +330,7 @@ pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
     let g = h / kv_h;
     let past = n - s;
     let scale = scale as f32;
-    let (qv, kv, vv) = (to_f32_vec(q)?, to_f32_vec(k)?, to_f32_vec(v)?);
+    let qv = to_f32_vec(q)?;
     fn row(
         t: &[f32],
         d: usize,
@@ -274,25 +345,43 @@ pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
     }
     let mut out = vec![0f32; b * h * s * d];
     if s == 1 {
+        // Keys and values are read in place from the cache (f16/bf16 rows
+        // converted a tile at a time), not copied to f32 as a whole: the
+        // arithmetic is unchanged, the per-step conversion of the entire
+        // cache is gone.
         let tiles = n.div_ceil(DECODE_TILE);
-        let partial: Vec<Vec<Online>> = (0..tiles)
-            .into_par_iter()
-            .map(|t| {
-                let (start, end) = (t * DECODE_TILE, ((t + 1) * DECODE_TILE).min(n));
-                (0..b * h)
-                    .map(|bh| {
-                        let (bi, hi) = (bh / h, bh % h);
-                        let qr = row(&qv, d, bi, hi, 0, h, 1);
-                        let mut o = Online::new(d);
-                        for j in start..end {
-                            let logit = dot4(qr, row(&kv, d, bi, hi / g, j, kv_h, n)) * scale;
-                            o.push(logit, row(&vv, d, bi, hi / g, j, kv_h, n));
+        let partial: Vec<Vec<Online>> = with_rows(k, |kr| {
+            with_rows(v, |vr| {
+                Ok((0..tiles)
+                    .into_par_iter()
+                    .map(|t| {
+                        let (start, end) = (t * DECODE_TILE, ((t + 1) * DECODE_TILE).min(n));
+                        let len = end - start;
+                        let mut kbuf = vec![0f32; len * d];
+                        let mut vbuf = vec![0f32; len * d];
+                        let mut outs = Vec::with_capacity(b * h);
+                        for bi in 0..b {
+                            for kh in 0..kv_h {
+                                for (r, j) in (start..end).enumerate() {
+                                    kr.load(bi, kh, j, &mut kbuf[r * d..(r + 1) * d]);
+                                    vr.load(bi, kh, j, &mut vbuf[r * d..(r + 1) * d]);
+                                }
+                                for gi in 0..g {
+                                    let qr = row(&qv, d, bi, kh * g + gi, 0, h, 1);
+                                    let mut o = Online::new(d);
+                                    for r in 0..len {
+                                        let logit = dot4(qr, &kbuf[r * d..(r + 1) * d]) * scale;
+                                        o.push(logit, &vbuf[r * d..(r + 1) * d]);
+                                    }
+                                    outs.push(o);
+                                }
+                            }
                         }
-                        o
+                        outs
                     })
-                    .collect()
+                    .collect())
             })
-            .collect();
+        })?;
         for bh in 0..b * h {
             let mut acc = partial[0][bh].clone();
             for tile in &partial[1..] {
@@ -301,6 +390,7 @@ pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
             acc.finish(&mut out[bh * d..(bh + 1) * d]);
         }
     } else {
+        let (kv, vv) = (to_f32_vec(k)?, to_f32_vec(v)?);
         out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
             let (bi, rem) = (r / (h * s), r % (h * s));
             let (hi, qi) = (rem / s, rem % s);
@@ -318,11 +408,16 @@ pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
 
 /// `e^x` for `x <= 0` (softmax arguments), vectorisable: `2^(x log2 e)` split
 /// into an integer power set in the exponent bits and a degree-6 polynomial
-/// on `[-0.5, 0.5]`. Relative error below 2e-7; inputs under -87 give 0.
+/// on `[-0.5, 0.5]`. Relative error about 1e-6 where softmax weights matter
+/// (see the test); inputs under -87 give at most `2^-126`. Only float and
+/// wrapping integer operations, so the compiler vectorises loops over it.
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
     let t = (x * std::f32::consts::LOG2_E).max(-126.0);
-    let n = t.round();
+    let y = t + MAGIC;
+    let n = y - MAGIC; // round(t), ties to even
     let f = t - n; // [-0.5, 0.5]
                    // 2^f, Taylor coefficients of e^(f ln 2).
     let p = 1.540_353e-4f32;
@@ -332,25 +427,45 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let p = p.mul_add(f, 2.402_265e-1);
     let p = p.mul_add(f, 6.931_472e-1);
     let p = p.mul_add(f, 1.0);
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n: n + 127 in the exponent field.
+    let bits = y.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
+
+/// Lanes of the softmax reductions: independent accumulators, so the max and
+/// sum loops vectorise (a single float accumulator forces sequential order).
+const LANES: usize = 16;
 
 /// Softmax of `row[..visible]` in place (scaled by `scale` first), zeros after.
 #[inline]
 fn softmax_prefix(row: &mut [f32], visible: usize, scale: f32) {
     let (live, hidden) = row.split_at_mut(visible);
-    let mut max = f32::NEG_INFINITY;
-    for x in live.iter_mut() {
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = live.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (x, m) in c.iter_mut().zip(maxes.iter_mut()) {
+            *x *= scale;
+            *m = m.max(*x);
+        }
+    }
+    for x in chunks.into_remainder() {
         *x *= scale;
-        max = max.max(*x);
+        maxes[0] = maxes[0].max(*x);
     }
-    let mut sum = 0f32;
-    for x in live.iter_mut() {
+    let max = maxes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sums = [0f32; LANES];
+    let mut chunks = live.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (x, s) in c.iter_mut().zip(sums.iter_mut()) {
+            *x = exp_nonpositive(*x - max);
+            *s += *x;
+        }
+    }
+    for x in chunks.into_remainder() {
         *x = exp_nonpositive(*x - max);
-        sum += *x;
+        sums[0] += *x;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sums.iter().sum::<f32>();
     live.iter_mut().for_each(|x| *x *= inv);
     hidden.iter_mut().for_each(|x| *x = 0.0);
 }

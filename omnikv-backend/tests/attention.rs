@@ -168,3 +168,43 @@ fn keeps_input_dtype() {
     )
     .is_err());
 }
+
+/// Decode steps read the cache in place: an f16 cache handed out as a view of
+/// a larger preallocated buffer (as the host's `KvCache` does) gives exactly
+/// the result of the same values copied to a contiguous f32 tensor.
+#[test]
+fn decode_reads_strided_half_cache_in_place() {
+    let dev = Device::Cpu;
+    for (b, kv_h, g, d, n, cap) in [
+        (1, 3, 3, 64, 100, 160),
+        (2, 2, 4, 32, 37, 64),
+        (1, 1, 8, 16, 5, 8),
+    ] {
+        let buf = |seed: f32| {
+            Tensor::randn(seed, 1.0, (b, kv_h, cap, d), &dev)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap()
+        };
+        let (kbuf, vbuf) = (buf(0.0), buf(0.5));
+        let (k, v) = (kbuf.narrow(2, 0, n).unwrap(), vbuf.narrow(2, 0, n).unwrap());
+        assert!(!k.is_contiguous() || b * kv_h == 1);
+        let q = Tensor::randn(0f32, 1.0, (b, kv_h * g, 1, d), &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = streaming_attention(&q, &k, &v, scale).unwrap();
+        let f32c = |t: &Tensor| t.to_dtype(DType::F32).unwrap().contiguous().unwrap();
+        let want = streaming_attention(&q, &f32c(&k), &f32c(&v), scale).unwrap();
+        let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "b={b} kv_h={kv_h} g={g} d={d} n={n}");
+    }
+}
