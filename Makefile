@@ -11,10 +11,12 @@ CARGO ?= cargo
 
 .PHONY: prepare build serve test eval calibrate fixtures fmt
 
-## Extract and patch the pinned host crates, fetch the model.
+## Extract and patch the pinned host crates, fetch the model, install the
+## OpenAI Python client the streaming-error test drives the server with.
 prepare:
 	scripts/prepare-host.sh
 	scripts/fetch-model.sh
+	python3 -m pip install --quiet --disable-pip-version-check -r scripts/test-requirements.txt
 
 ## Build the patched `mistralrs` binary (target/debug/mistralrs).
 build: prepare

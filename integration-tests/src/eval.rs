@@ -386,8 +386,13 @@ impl Variant {
 
     /// Start a server for this variant.
     pub fn start(&self, base: &Value, scratch: &Path) -> Result<Server> {
+        self.start_with(base, scratch, &[])
+    }
+
+    /// Start a server for this variant with extra CLI arguments.
+    pub fn start_with(&self, base: &Value, scratch: &Path, extra: &[&str]) -> Result<Server> {
         match self.config(base) {
-            None => Server::start("default", &[]),
+            None => Server::start("default", extra),
             Some(cfg) => {
                 std::fs::create_dir_all(scratch)?;
                 let label: String = self
@@ -397,7 +402,9 @@ impl Variant {
                     .collect();
                 let path = scratch.join(format!("{label}.json"));
                 std::fs::write(&path, serde_json::to_string_pretty(&cfg)?)?;
-                Server::start("omnikv", &["--kv-cache-config", path.to_str().unwrap()])
+                let mut args = vec!["--kv-cache-config", path.to_str().unwrap()];
+                args.extend_from_slice(extra);
+                Server::start("omnikv", &args)
             }
         }
     }

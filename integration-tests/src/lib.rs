@@ -91,15 +91,23 @@ impl Server {
 
     /// Like [`Server::start`] with explicit model arguments.
     pub fn start_model(backend: &str, extra: &[&str], model: &[String]) -> Result<Server> {
+        let mut args: Vec<String> = vec!["--host".into(), "127.0.0.1".into()];
+        args.extend(["--kv-cache".to_string(), backend.to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(model.iter().cloned());
+        Self::start_args(backend, &args)
+    }
+
+    /// `mistralrs serve -p <free port> <args>`; waits until it answers HTTP
+    /// on the loopback interface.
+    pub fn start_args(label: &str, args: &[String]) -> Result<Server> {
         let port = free_port();
-        let log = std::env::temp_dir().join(format!("omnikv-it-{backend}-{port}.log"));
+        let log = std::env::temp_dir().join(format!("omnikv-it-{label}-{port}.log"));
         let log_file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(mistralrs_bin());
         cmd.arg("serve")
-            .args(["-p", &port.to_string(), "--host", "127.0.0.1"])
-            .args(["--kv-cache", backend])
-            .args(extra)
-            .args(model)
+            .args(["-p", &port.to_string()])
+            .args(args)
             .current_dir(root())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -167,6 +175,9 @@ impl Server {
             prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
             completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
             prompt_time_sec: v["usage"]["total_prompt_time_sec"].as_f64().unwrap_or(0.0),
+            completion_time_sec: v["usage"]["total_completion_time_sec"]
+                .as_f64()
+                .unwrap_or(0.0),
         })
     }
 }
@@ -185,6 +196,8 @@ pub struct Completion {
     pub completion_tokens: usize,
     /// Time the server spent on the prompt (its `usage.total_prompt_time_sec`).
     pub prompt_time_sec: f64,
+    /// Time the server spent generating (`usage.total_completion_time_sec`).
+    pub completion_time_sec: f64,
 }
 
 /// Minimal HTTP/1.1 client (loopback only): one request per connection.

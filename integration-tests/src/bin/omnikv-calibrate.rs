@@ -404,7 +404,11 @@ fn main() -> Result<()> {
          (full attention answered {}/{} of them correctly):\n\n\
          | rank | filter layers | source | recall score (sum / mean per sparse layer) | identical outputs | shared prefix | correct |\n|---|---|---|---|---|---|---|\n",
         machine_description(),
-        std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        std::env::args()
+            .skip(1)
+            .map(|a| if a.contains([';', ' ']) { format!("\"{a}\"") } else { a })
+            .collect::<Vec<_>>()
+            .join(" "),
         stats.steps,
         calib.len(),
         args.budget,
