@@ -39,7 +39,8 @@ test: build
 	$(CARGO) test --workspace
 
 ## Fidelity evaluation through the real server (writes results/fidelity.md).
-EVAL_ARGS ?= --variants omnikv@1.0,omnikv@0.067,omnikv@0.1 --config configs/smollm2-135m.json
+EVAL_ARGS ?= --variants omnikv@1.0,omnikv@0.067,omnikv@0.1,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32 \
+  --config configs/smollm2-135m.json
 eval: build
 	scripts/fetch-haystack.sh
 	target/debug/omnikv-eval $(EVAL_ARGS)

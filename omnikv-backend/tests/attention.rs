@@ -7,6 +7,18 @@ use omnikv_backend::attention::{
     tiled_causal_attention, PREFILL_TILE, QUERY_CHUNK,
 };
 
+/// Largest |a - b| over all elements, compared in f32.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 struct Case {
     head_dim: usize,
     kv_heads: usize,
@@ -125,14 +137,7 @@ fn chunked_attention_matches_reference() {
             ),
         ] {
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&got, &want);
             assert!(
                 diff < 1e-4,
                 "{name}: d={} kv={} g={} past={} new={} b={}: max diff {diff}",
@@ -197,14 +202,7 @@ fn decode_reads_strided_half_cache_in_place() {
         let got = streaming_attention(&q, &k, &v, scale).unwrap();
         let f32c = |t: &Tensor| t.to_dtype(DType::F32).unwrap().contiguous().unwrap();
         let want = streaming_attention(&q, &f32c(&k), &f32c(&v), scale).unwrap();
-        let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&got, &want);
         assert_eq!(diff, 0.0, "b={b} kv_h={kv_h} g={g} d={d} n={n}");
     }
 }

@@ -39,14 +39,15 @@ struct Args {
 const USAGE: &str = "usage: omnikv-eval [options]
   --variants LIST         comma-separated: default | omnikv@<budget>[:key=value+key=value]
                           (extra OmniKV config keys, values as JSON)
-                          (default: default,omnikv@0.067,omnikv@0.1)
+                          (default: omnikv@1.0,omnikv@0.067,omnikv@0.1; `default`,
+                          the stock cache, prefills long prompts ~17x slower)
   --reference LABEL       the variant others are compared with (default: the first)
   --config FILE           base OmniKV config (default: configs/smollm2-135m.json)
   --suites LIST           needle,2stage,2needle (default: all)
   --needle-lengths LIST   prompt lengths in tokens (default: 1000,3500,7000)
   --depths LIST           needle depths in percent (default: 0,25,50,75,100)
-  --two-stage-sizes LIST  dictionary sizes (default: 250,800)
-  --two-stage-per-size N  cases per size (default: 5)
+  --two-stage-sizes LIST  dictionary sizes (default: 250)
+  --two-stage-per-size N  cases per size (default: 4)
   --two-needle-lengths L  (default: 2000,5000)
   --out FILE              Markdown report (default: results/fidelity.md)
   --cache FILE            answer cache (default: results/cache/fidelity.jsonl)
@@ -72,15 +73,15 @@ fn parse_args() -> Result<Args> {
         suites: vec!["needle".into(), "2stage".into(), "2needle".into()],
         needle_lengths: vec![1000, 3500, 7000],
         depths: vec![0, 25, 50, 75, 100],
-        two_stage_sizes: vec![250, 800],
-        two_stage_per_size: 5,
+        two_stage_sizes: vec![250],
+        two_stage_per_size: 4,
         two_needle_lengths: vec![2000, 5000],
         out: root().join("results/fidelity.md"),
         cache: root().join("results/cache/fidelity.jsonl"),
         fresh: false,
         title: "Fidelity of OmniKV on SmolLM2-135M-Instruct".into(),
     };
-    let mut variants = "default,omnikv@0.067,omnikv@0.1".to_string();
+    let mut variants = "omnikv@1.0,omnikv@0.067,omnikv@0.1".to_string();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--fresh" {
