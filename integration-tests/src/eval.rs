@@ -308,6 +308,16 @@ pub fn two_needle_cases(haystack: &str, lengths: &[usize], depths: &[(u32, u32)]
     cases
 }
 
+/// A budget as the config wants it: whole numbers above 1 are token counts
+/// (JSON integers), anything else a fraction.
+pub fn budget_value(b: f64) -> Value {
+    if b > 1.0 && b.fract() == 0.0 {
+        Value::from(b as u64)
+    } else {
+        Value::from(b)
+    }
+}
+
 /// What runs a case: the stock cache, or OmniKV with a base config, a budget
 /// and optional extra config keys.
 #[derive(Debug, Clone, PartialEq)]
@@ -372,12 +382,7 @@ impl Variant {
             return None;
         };
         let mut cfg = base.as_object().cloned().unwrap_or_default();
-        let budget = if budget.fract() == 0.0 && *budget > 1.0 {
-            Value::from(*budget as u64)
-        } else {
-            Value::from(*budget)
-        };
-        cfg.insert("num_of_selected_tokens".into(), budget);
+        cfg.insert("num_of_selected_tokens".into(), budget_value(*budget));
         for (k, v) in extra {
             cfg.insert(k.clone(), v.clone());
         }

@@ -1,9 +1,7 @@
-//! Dense attention computed by this crate (used for prefill and for every
-//! dense layer), GQA-aware and chunked over queries.
-//!
-//! Queries are processed in blocks of [`QUERY_CHUNK`] positions so that the
-//! score matrix held at once is `(heads, QUERY_CHUNK, kv_len)`, never the full
-//! `(heads, n, n)` of a long prompt.
+//! Dense attention computed by this crate, GQA-aware: the exact kernel
+//! ([`streaming_attention`], the stock arithmetic) for decode steps and exact
+//! prefill, the tiled kernel ([`tiled_causal_attention`]) for fast prefill,
+//! and a plain reference for tests.
 //!
 //! ```text
 //!   keys:     0 ........ past-1 | past ........ past+s-1
@@ -11,9 +9,6 @@
 //! ```
 
 use candle_core::{DType, Device, Result, Tensor, D};
-
-/// Query positions per block.
-pub const QUERY_CHUNK: usize = 256;
 
 /// Additive causal mask `(s, past + s)`: 0 where query `i` may see key `j`
 /// (`j <= past + i`), `-inf` elsewhere.
@@ -64,71 +59,8 @@ impl Dims {
     }
 }
 
-/// Causal scaled dot-product attention.
-///
-/// * `q`: `(b, h, s, d)`, the `s` newest positions;
-/// * `k`, `v`: `(b, kv_h, past + s, d)` with `h % kv_h == 0` (query head
-///   `i` reads KV head `i / (h / kv_h)`);
-///
-/// returns `(b, h, s, d)` in `q`'s dtype. Softmax runs in f32.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let Dims {
-        b,
-        h,
-        s,
-        d,
-        kv_h,
-        n,
-    } = Dims::of(q, k)?;
-    let g = h / kv_h;
-    let past = n - s;
-    let out_dtype = q.dtype();
-    let k = k.to_dtype(DType::F32)?.contiguous()?;
-    let v = v.to_dtype(DType::F32)?.contiguous()?;
-    let kt = k.transpose(2, 3)?.contiguous()?; // (b, kv_h, d, n)
-                                               // (b, kv_h, g, s, d): the g query heads of one KV head side by side.
-    let q = q.to_dtype(DType::F32)?.reshape((b, kv_h, g, s, d))?;
-    let mut outs = Vec::with_capacity(s.div_ceil(QUERY_CHUNK));
-    let mut start = 0;
-    while start < s {
-        let c = QUERY_CHUNK.min(s - start);
-        let qc = q
-            .narrow(3, start, c)?
-            .contiguous()?
-            .reshape((b, kv_h, g * c, d))?;
-        let scores = (qc.matmul(&kt)? * scale)?; // (b, kv_h, g*c, n)
-        let scores = if s > 1 {
-            // Query start+i sees keys 0 ..= past+start+i.
-            let mask = causal_mask(c, past + start, q.device())?; // (c, past+start+c)
-            let visible = past + start + c;
-            let mask = if visible < n {
-                let hidden = Tensor::full(f32::NEG_INFINITY, (c, n - visible), q.device())?;
-                Tensor::cat(&[&mask, &hidden], 1)?
-            } else {
-                mask
-            };
-            scores
-                .reshape((b, kv_h, g, c, n))?
-                .broadcast_add(&mask)?
-                .reshape((b, kv_h, g * c, n))?
-        } else {
-            scores
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // (b, kv_h, g*c, d)
-        outs.push(out.reshape((b, kv_h, g, c, d))?);
-        start += c;
-    }
-    let out = if outs.len() == 1 {
-        outs.pop().expect("one chunk")
-    } else {
-        Tensor::cat(&outs, 3)?
-    };
-    out.reshape((b, h, s, d))?.to_dtype(out_dtype)
-}
-
 /// Plain reference: repeat KV heads, full score matrix, explicit mask.
-/// Used by tests to check [`causal_attention`].
+/// Used by tests to check the kernels.
 pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (_b, h, s, _d) = q.dims4()?;
     let (_, kv_h, n, _) = k.dims4()?;
@@ -314,9 +246,14 @@ fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 /// Causal attention with a streaming (online) softmax, computed in f32 with a
 /// fixed summation order: prompt rows stream over their visible keys in
 /// order; a decode step streams over blocks of [`DECODE_TILE`] keys in
-/// parallel and merges the blocks in order. Same shapes and contract as
-/// [`causal_attention`]; this is the exact dense path (identical logits to the
-/// stock cache), [`causal_attention`] the blocked-matmul alternative.
+/// parallel and merges the blocks in order. This is the exact dense path
+/// (identical logits to the stock cache).
+///
+/// * `q`: `(b, h, s, d)`, the `s` newest positions;
+/// * `k`, `v`: `(b, kv_h, past + s, d)` with `h % kv_h == 0` (query head
+///   `i` reads KV head `i / (h / kv_h)`);
+///
+/// returns `(b, h, s, d)` in `q`'s dtype; arithmetic in f32.
 pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     use rayon::prelude::*;
     let Dims {
@@ -479,7 +416,7 @@ pub const PREFILL_TILE: usize = 128;
 /// tile's last position), a masked softmax with a vectorised exponential,
 /// and one product with the values. The score block held at once is
 /// `(g * PREFILL_TILE, visible)`, never `(n, n)`; the products use candle's
-/// threaded GEMM. Same shapes and contract as [`causal_attention`]; results
+/// threaded GEMM. Same shapes and contract as [`streaming_attention`]; results
 /// agree with [`reference_attention`] to float rounding (not bit for bit with
 /// the stock kernel: that is [`streaming_attention`]).
 pub fn tiled_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {

@@ -1,23 +1,13 @@
-//! This crate's chunked GQA attention against a plain reference (repeated KV
-//! heads, full score matrix, explicit mask).
+//! This crate's GQA attention kernels (exact streaming, tiled prefill) against
+//! a plain reference (repeated KV heads, full score matrix, explicit mask).
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use omnikv_backend::attention::{
-    causal_attention, exp_nonpositive, reference_attention, streaming_attention,
-    tiled_causal_attention, PREFILL_TILE, QUERY_CHUNK,
+    exp_nonpositive, reference_attention, streaming_attention, tiled_causal_attention, PREFILL_TILE,
 };
-
-/// Largest |a - b| over all elements, compared in f32.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 struct Case {
     head_dim: usize,
@@ -50,7 +40,7 @@ const CASES: &[Case] = &[
         kv_heads: 2,
         group: 4,
         past: 0,
-        new: QUERY_CHUNK + 45,
+        new: PREFILL_TILE * 2 + 45,
         batch: 1,
     },
     Case {
@@ -66,7 +56,7 @@ const CASES: &[Case] = &[
         kv_heads: 1,
         group: 8,
         past: 300,
-        new: QUERY_CHUNK * 2,
+        new: PREFILL_TILE * 4,
         batch: 1,
     },
     Case {
@@ -126,10 +116,6 @@ fn chunked_attention_matches_reference() {
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let want = reference_attention(&q, &k, &v, scale).unwrap();
         for (name, got) in [
-            (
-                "blocked matmul",
-                causal_attention(&q, &k, &v, scale).unwrap(),
-            ),
             ("streaming", streaming_attention(&q, &k, &v, scale).unwrap()),
             (
                 "tiled prefill",
@@ -163,9 +149,9 @@ fn keeps_input_dtype() {
         .unwrap()
         .to_dtype(DType::BF16)
         .unwrap();
-    let out = causal_attention(&q, &k, &k, 0.25).unwrap();
+    let out = tiled_causal_attention(&q, &k, &k, 0.25).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
-    assert!(causal_attention(
+    assert!(tiled_causal_attention(
         &q,
         &k.narrow(2, 0, 2).unwrap(),
         &k.narrow(2, 0, 2).unwrap(),

@@ -6,27 +6,19 @@
 //! Tolerance: |ours - reference| <= 1e-3 + 1e-3 * |reference| per logit
 //! (float32 on both sides; the difference is summation order).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use mistralrs_core::kv_backend::{DefaultKvCacheBackend, KvCacheBackend};
 use omnikv_backend::model::{llama3_inv_freq, LlamaConfig, LlamaOmniKv};
 use omnikv_backend::{OmniKvBackend, OmniKvConfig};
 
 const ATOL: f32 = 1e-3;
 
-/// Largest absolute elementwise difference of two tensors.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 const RTOL: f32 = 1e-3;
 
 fn fixture(variant: &str) -> PathBuf {

@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::eval::{load_haystack, machine_description, needle_cases, score, Case};
+use integration_tests::eval::{
+    budget_value, load_haystack, machine_description, needle_cases, score, Case,
+};
 use integration_tests::{model_args, root, Server};
 use omnikv_backend::recall::{plan_score, propose, RecallStats};
 use serde_json::{json, Value};
@@ -187,14 +189,6 @@ fn shared_prefix(a: &str, b: &str) -> f64 {
     let n = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
     let len = a.chars().count().max(b.chars().count()).max(1);
     n as f64 / len as f64
-}
-
-fn budget_value(b: f64) -> Value {
-    if b > 1.0 && b.fract() == 0.0 {
-        json!(b as u64)
-    } else {
-        json!(b)
-    }
 }
 
 fn main() -> Result<()> {
