@@ -146,6 +146,49 @@ impl Server {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size of the server process, in KiB (Linux).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS in /proc/<pid>/status")
+    }
+
+    /// The `omnikv store: released sequence ...` log lines so far (one per
+    /// sequence the host dropped, the start-up dummy run included).
+    pub fn store_releases(&self) -> Vec<StoreRelease> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(StoreRelease::parse)
+            .collect()
+    }
+
+    /// Wait until the log shows `count` releases; returns them.
+    pub fn wait_for_releases(&self, count: usize, timeout: Duration) -> Result<Vec<StoreRelease>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.store_releases();
+            if r.len() >= count {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} store releases logged, expected {count}:\n{}",
+                    r.len(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
         http(self.port, "GET", path, None)
     }
@@ -162,7 +205,12 @@ impl Server {
             "temperature": 0.0,
             "max_tokens": max_tokens,
         });
-        let (status, text) = self.post("/v1/chat/completions", &body)?;
+        self.chat_request(&body)
+    }
+
+    /// A chat completion with a body of the caller's choosing.
+    pub fn chat_request(&self, body: &Value) -> Result<Completion> {
+        let (status, text) = self.post("/v1/chat/completions", body)?;
         if status != 200 {
             bail!("HTTP {status}: {text}");
         }
@@ -186,6 +234,45 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// One `omnikv store: released sequence <id> (<host> host tier, <device>
+/// device tier); <n> sequence(s) hold <host> host, <device> device` line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreRelease {
+    pub seq: usize,
+    /// What the sequence held, as logged (for example `1.20 MiB`).
+    pub held_host: String,
+    pub held_device: String,
+    /// Sequences still holding rows after the release, and their bytes.
+    pub remaining: usize,
+    pub remaining_host: String,
+    pub remaining_device: String,
+}
+
+impl StoreRelease {
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = line.split("omnikv store: released sequence ").nth(1)?;
+        let (seq, rest) = rest.split_once(" (")?;
+        let (held_host, rest) = rest.split_once(" host tier, ")?;
+        let (held_device, rest) = rest.split_once(" device tier); ")?;
+        let (remaining, rest) = rest.split_once(" sequence(s) hold ")?;
+        let (remaining_host, rest) = rest.split_once(" host, ")?;
+        let remaining_device = rest.trim_end().strip_suffix(" device")?;
+        Some(Self {
+            seq: seq.parse().ok()?,
+            held_host: held_host.into(),
+            held_device: held_device.into(),
+            remaining: remaining.parse().ok()?,
+            remaining_host: remaining_host.into(),
+            remaining_device: remaining_device.into(),
+        })
+    }
+
+    /// Nothing is held by any sequence after this release.
+    pub fn store_empty(&self) -> bool {
+        self.remaining == 0 && self.remaining_host == "0 B" && self.remaining_device == "0 B"
     }
 }
 

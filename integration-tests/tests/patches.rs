@@ -33,7 +33,7 @@ fn prepare_is_idempotent_and_reproduces_host() {
     let prepare = || run(Command::new("bash").arg(tmp.join("scripts/prepare-host.sh")));
     let first = prepare();
     assert!(
-        first.contains("mistralrs-core 0.8.1 prepared with 3 patches"),
+        first.contains("mistralrs-core 0.8.1 prepared with 5 patches"),
         "{first}"
     );
     let second = prepare();

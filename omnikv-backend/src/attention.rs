@@ -204,33 +204,251 @@ impl RowView<'_> {
 /// with a contiguous last dimension are borrowed in place; anything else is
 /// first copied to a contiguous f32 tensor.
 pub fn with_rows<R>(t: &Tensor, f: impl FnOnce(&RowView<'_>) -> Result<R>) -> Result<R> {
-    use candle_core::{CpuStorage, Storage};
     let (_, _, _, d) = t.dims4()?;
     {
         let (storage, layout) = t.storage_and_layout();
-        let st = layout.stride();
-        if let (Storage::Cpu(cpu), true) = (&*storage, st[3] == 1 || d == 1) {
-            let data = match cpu {
-                CpuStorage::F32(x) => Some(RowData::F32(x)),
-                CpuStorage::F16(x) => Some(RowData::F16(x)),
-                CpuStorage::BF16(x) => Some(RowData::BF16(x)),
-                _ => None,
-            };
-            if let Some(data) = data {
-                return f(&RowView {
-                    data,
-                    offset: layout.start_offset(),
-                    strides: [st[0], st[1], st[2]],
-                    d,
-                });
-            }
+        if let Some(view) = row_view(&storage, layout, d) {
+            return f(&view);
         }
     }
-    let owned = t
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
-    with_rows(&owned, f)
+    with_rows(&rowable(t)?, f)
+}
+
+/// A [`RowView`] of a rank-4 tensor's storage, if it can be read in place.
+fn row_view<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+    d: usize,
+) -> Option<RowView<'a>> {
+    use candle_core::{CpuStorage, Storage};
+    let st = layout.stride();
+    let Storage::Cpu(cpu) = storage else {
+        return None;
+    };
+    if st[3] != 1 && d != 1 {
+        return None;
+    }
+    let data = match cpu {
+        CpuStorage::F32(x) => RowData::F32(x),
+        CpuStorage::F16(x) => RowData::F16(x),
+        CpuStorage::BF16(x) => RowData::BF16(x),
+        _ => return None,
+    };
+    Some(RowView {
+        data,
+        offset: layout.start_offset(),
+        strides: [st[0], st[1], st[2]],
+        d,
+    })
+}
+
+/// A tensor [`row_view`] accepts: `t` itself when it can be read in place,
+/// otherwise a contiguous f32 copy on the CPU.
+fn rowable(t: &Tensor) -> Result<Tensor> {
+    let d = t.dim(3)?;
+    let in_place = {
+        let (storage, layout) = t.storage_and_layout();
+        row_view(&storage, layout, d).is_some()
+    };
+    if in_place {
+        Ok(t.clone())
+    } else {
+        t.to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .contiguous()
+    }
+}
+
+/// Loads key and value row `(bi, kv_head, j)` of a decode step's logical
+/// key sequence into the two buffers.
+type LoadRow<'a> = dyn Fn(usize, usize, usize, &mut [f32], &mut [f32]) + Sync + 'a;
+
+/// The decode-step kernel shared by [`streaming_attention`] and
+/// [`indexed_decode_attention`]: `n` logical keys in blocks of
+/// [`DECODE_TILE`] run in parallel (every head of a block together), then
+/// the blocks merge in order. Returns `(b * h * d)` outputs.
+#[allow(clippy::too_many_arguments)]
+fn decode_tiles(
+    qv: &[f32],
+    b: usize,
+    h: usize,
+    kv_h: usize,
+    d: usize,
+    n: usize,
+    scale: f32,
+    load: &LoadRow<'_>,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let g = h / kv_h;
+    let tiles = n.div_ceil(DECODE_TILE);
+    let partial: Vec<Vec<Online>> = (0..tiles)
+        .into_par_iter()
+        .map(|t| {
+            let (start, end) = (t * DECODE_TILE, ((t + 1) * DECODE_TILE).min(n));
+            let len = end - start;
+            let mut kbuf = vec![0f32; len * d];
+            let mut vbuf = vec![0f32; len * d];
+            let mut outs = Vec::with_capacity(b * h);
+            for bi in 0..b {
+                for kh in 0..kv_h {
+                    for (r, j) in (start..end).enumerate() {
+                        load(
+                            bi,
+                            kh,
+                            j,
+                            &mut kbuf[r * d..(r + 1) * d],
+                            &mut vbuf[r * d..(r + 1) * d],
+                        );
+                    }
+                    for gi in 0..g {
+                        let base = (bi * h + kh * g + gi) * d;
+                        let qr = &qv[base..base + d];
+                        let mut o = Online::new(d);
+                        for r in 0..len {
+                            let logit = dot4(qr, &kbuf[r * d..(r + 1) * d]) * scale;
+                            o.push(logit, &vbuf[r * d..(r + 1) * d]);
+                        }
+                        outs.push(o);
+                    }
+                }
+            }
+            outs
+        })
+        .collect();
+    let mut out = vec![0f32; b * h * d];
+    for bh in 0..b * h {
+        let mut acc = partial[0][bh].clone();
+        for tile in &partial[1..] {
+            acc.merge(&tile[bh]);
+        }
+        acc.finish(&mut out[bh * d..(bh + 1) * d]);
+    }
+    out
+}
+
+/// Positions per parallel block of [`fused_head_max_scores`].
+const SCORE_BLOCK: usize = 256;
+
+/// Selection scores of one query, fused: for each prompt key, the maximum
+/// over query heads of the scaled dot product. Keys are read in place (f16
+/// and bf16 rows converted a block at a time), blocks of positions run in
+/// parallel, and no `(heads, P)` logit matrix is formed. Equals
+/// `head_max_scores(q, keys, scale, false)` up to the summation order.
+///
+/// * `q`: `(h, d)`; `keys`: `(kv_h, P, d)` with `h % kv_h == 0`.
+pub fn fused_head_max_scores(q: &Tensor, keys: &Tensor, scale: f64) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let (h, d) = q.dims2()?;
+    let (kv_h, p, kd) = keys.dims3()?;
+    if h % kv_h != 0 || kd != d {
+        candle_core::bail!(
+            "fused_head_max_scores: query {:?} does not match keys {:?}",
+            q.dims(),
+            keys.dims()
+        );
+    }
+    let g = h / kv_h;
+    let scale = scale as f32;
+    let qv = to_f32_vec(q)?;
+    let keys = keys.unsqueeze(0)?;
+    let blocks = p.div_ceil(SCORE_BLOCK);
+    let parts: Vec<Vec<f32>> = with_rows(&keys, |kr| {
+        Ok((0..blocks)
+            .into_par_iter()
+            .map(|blk| {
+                let (start, end) = (blk * SCORE_BLOCK, ((blk + 1) * SCORE_BLOCK).min(p));
+                let mut best = vec![f32::NEG_INFINITY; end - start];
+                let mut row = vec![0f32; d];
+                for kh in 0..kv_h {
+                    for (slot, j) in best.iter_mut().zip(start..end) {
+                        kr.load(0, kh, j, &mut row);
+                        for gi in 0..g {
+                            let hq = kh * g + gi;
+                            let s = dot4(&qv[hq * d..(hq + 1) * d], &row) * scale;
+                            if s > *slot {
+                                *slot = s;
+                            }
+                        }
+                    }
+                }
+                best
+            })
+            .collect())
+    })?;
+    Ok(parts.concat())
+}
+
+/// One sequence's decode query attending to chosen rows of one or more
+/// key/value sources, read in place (no gathered copy). The logical key
+/// sequence is the concatenation over `parts` of `k[0, :, rows, :]`;
+/// results are bit-identical to gathering those rows and calling
+/// [`streaming_attention`] (same blocks, same order).
+///
+/// * `q`: `(1, h, 1, d)`;
+/// * each part: `k`, `v` of shape `(1, kv_h, n_i, d)`, and row indices
+///   below `n_i`.
+pub fn indexed_decode_attention(
+    q: &Tensor,
+    parts: &[(&Tensor, &Tensor, &[u32])],
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    if b != 1 || s != 1 || parts.is_empty() {
+        candle_core::bail!(
+            "indexed_decode_attention: expected one decode query and at least one part, got q {:?} and {} parts",
+            q.dims(),
+            parts.len()
+        );
+    }
+    let kv_h = parts[0].0.dim(1)?;
+    let mut map: Vec<(usize, usize)> = Vec::new();
+    for (p, (k, v, rows)) in parts.iter().enumerate() {
+        let n = k.dim(2)?;
+        if k.dim(1)? != kv_h || v.dims() != k.dims() || k.dim(3)? != d {
+            candle_core::bail!(
+                "indexed_decode_attention: part {p} has keys {:?} / values {:?}, expected (1, {kv_h}, n, {d})",
+                k.dims(),
+                v.dims()
+            );
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
+            candle_core::bail!(
+                "indexed_decode_attention: row {r} of part {p} is beyond its {n} rows"
+            );
+        }
+        map.extend(rows.iter().map(|&r| (p, r as usize)));
+    }
+    let owned = parts
+        .iter()
+        .map(|(k, v, _)| Ok((rowable(k)?, rowable(v)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned
+        .iter()
+        .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+        .collect();
+    let views = guards
+        .iter()
+        .map(|((ks, kl), (vs, vl))| Some((row_view(ks, kl, d)?, row_view(vs, vl, d)?)))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            candle_core::Error::Msg("indexed_decode_attention: unreadable part".into())
+        })?;
+    let qv = to_f32_vec(q)?;
+    let out = decode_tiles(
+        &qv,
+        1,
+        h,
+        kv_h,
+        d,
+        map.len(),
+        scale as f32,
+        &|_, kh, j, ko, vo| {
+            let (p, r) = map[j];
+            views[p].0.load(0, kh, r, ko);
+            views[p].1.load(0, kh, r, vo);
+        },
+    );
+    Tensor::from_vec(out, (1, h, 1, d), q.device())?.to_dtype(q.dtype())
 }
 
 /// Keys per block of a decode step (blocks run in parallel, then merge in order).
@@ -286,46 +504,23 @@ pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
         // converted a tile at a time), not copied to f32 as a whole: the
         // arithmetic is unchanged, the per-step conversion of the entire
         // cache is gone.
-        let tiles = n.div_ceil(DECODE_TILE);
-        let partial: Vec<Vec<Online>> = with_rows(k, |kr| {
+        out = with_rows(k, |kr| {
             with_rows(v, |vr| {
-                Ok((0..tiles)
-                    .into_par_iter()
-                    .map(|t| {
-                        let (start, end) = (t * DECODE_TILE, ((t + 1) * DECODE_TILE).min(n));
-                        let len = end - start;
-                        let mut kbuf = vec![0f32; len * d];
-                        let mut vbuf = vec![0f32; len * d];
-                        let mut outs = Vec::with_capacity(b * h);
-                        for bi in 0..b {
-                            for kh in 0..kv_h {
-                                for (r, j) in (start..end).enumerate() {
-                                    kr.load(bi, kh, j, &mut kbuf[r * d..(r + 1) * d]);
-                                    vr.load(bi, kh, j, &mut vbuf[r * d..(r + 1) * d]);
-                                }
-                                for gi in 0..g {
-                                    let qr = row(&qv, d, bi, kh * g + gi, 0, h, 1);
-                                    let mut o = Online::new(d);
-                                    for r in 0..len {
-                                        let logit = dot4(qr, &kbuf[r * d..(r + 1) * d]) * scale;
-                                        o.push(logit, &vbuf[r * d..(r + 1) * d]);
-                                    }
-                                    outs.push(o);
-                                }
-                            }
-                        }
-                        outs
-                    })
-                    .collect())
+                Ok(decode_tiles(
+                    &qv,
+                    b,
+                    h,
+                    kv_h,
+                    d,
+                    n,
+                    scale,
+                    &|bi, kh, j, ko, vo| {
+                        kr.load(bi, kh, j, ko);
+                        vr.load(bi, kh, j, vo);
+                    },
+                ))
             })
         })?;
-        for bh in 0..b * h {
-            let mut acc = partial[0][bh].clone();
-            for tile in &partial[1..] {
-                acc.merge(&tile[bh]);
-            }
-            acc.finish(&mut out[bh * d..(bh + 1) * d]);
-        }
     } else {
         let (kv, vv) = (to_f32_vec(k)?, to_f32_vec(v)?);
         out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {

@@ -27,6 +27,7 @@ use crate::plan::{LayerPlan, LayerRole};
 use crate::recall::{head_max_distribution, step_recall, Recorder};
 use crate::selector::{make_selector, select_keeping, Selector};
 use crate::sparse_attention::{attended_rows, sparse_decode_attention};
+use crate::store::{Bytes, StoreUsage, TieredStore};
 
 /// Name under which the backend is registered with the host.
 pub const BACKEND_NAME: &str = "omnikv";
@@ -38,13 +39,28 @@ pub struct OmniKvBackend {
     plan: Arc<OnceLock<LayerPlan>>,
     /// Set by `record_recall`: decode densely and record inter-layer recall.
     recorder: Option<Arc<Recorder>>,
+    /// Sparse layers' rows with `real_offload`, and per-sequence accounting.
+    store: Arc<TieredStore>,
+    /// `cpu_num_threads` workers that stage sparse layers' rows while the
+    /// wait-load layers compute (created on first use).
+    gather_pool: Arc<OnceLock<rayon::ThreadPool>>,
 }
+
+/// A staging job started at a filter layer for one sparse layer and one
+/// sequence.
+type Prefetch = std::sync::mpsc::Receiver<Result<crate::store::Staged>>;
 
 /// State of one forward pass.
 pub struct Step {
     /// A decode step with known prompt lengths: selection is active.
     sparse: bool,
     prompt_lens: Vec<usize>,
+    /// Host sequence ids in batch order, when the host provides them.
+    seq_ids: Option<Vec<usize>>,
+    /// Position of each sequence's first new token in this pass.
+    offsets: Vec<usize>,
+    /// Staging jobs per sparse layer, per sequence (offload only).
+    prefetch: std::collections::HashMap<usize, Vec<Option<Prefetch>>>,
     /// Per sequence: `None` decodes densely (selection switched off by the
     /// request), otherwise the budget to select with.
     budgets: Vec<Option<TokenBudget>>,
@@ -63,12 +79,70 @@ impl OmniKvBackend {
             .record_recall
             .clone()
             .map(|p| Arc::new(Recorder::new(p)));
+        let store = Arc::new(TieredStore::new(config.max_host_bytes));
         Self {
             config: Arc::new(config),
             selector,
             plan: Arc::new(OnceLock::new()),
             recorder,
+            store,
+            gather_pool: Arc::new(OnceLock::new()),
         }
+    }
+
+    fn gather_pool(&self) -> Result<&rayon::ThreadPool> {
+        if let Some(p) = self.gather_pool.get() {
+            return Ok(p);
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.config.cpu_num_threads)
+            .thread_name(|i| format!("omnikv-gather-{i}"))
+            .build()
+            .map_err(candle_core::Error::wrap)?;
+        Ok(self.gather_pool.get_or_init(|| pool))
+    }
+
+    /// Overlap: right after a filter layer selected, stage the selected rows
+    /// of every sparse layer it serves on the gather workers; each sparse
+    /// layer later waits only for its own rows.
+    fn start_prefetch(
+        &self,
+        step: &mut Step,
+        plan: &LayerPlan,
+        filter: usize,
+        device: &candle_core::Device,
+    ) -> Result<()> {
+        let (Some(ids), Some(selection)) = (&step.seq_ids, &step.selections[filter]) else {
+            return Ok(());
+        };
+        let pool = self.gather_pool()?;
+        for (layer, role) in plan.roles.iter().enumerate() {
+            if *role != (LayerRole::Sparse { filter }) {
+                continue;
+            }
+            let mut jobs = Vec::with_capacity(ids.len());
+            for (i, sel) in selection.iter().enumerate() {
+                if sel.len() >= step.prompt_lens[i] {
+                    jobs.push(None);
+                    continue;
+                }
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (store, seq, sel, device) =
+                    (self.store.clone(), ids[i], sel.clone(), device.clone());
+                pool.spawn(move || {
+                    let _ = tx.send(store.stage(seq, layer, &sel, &device));
+                });
+                jobs.push(Some(rx));
+            }
+            step.prefetch.insert(layer, jobs);
+        }
+        Ok(())
+    }
+
+    /// Bytes held per tier, per sequence and in total (see
+    /// [`crate::store`]).
+    pub fn store_usage(&self) -> StoreUsage {
+        self.store.usage()
     }
 
     pub fn config(&self) -> &OmniKvConfig {
@@ -159,9 +233,125 @@ impl OmniKvBackend {
     }
 }
 
+impl OmniKvBackend {
+    /// A sparse layer with `real_offload`: its rows live in the tiered store,
+    /// not in the model cache (see [`crate::store`]).
+    fn offloaded_attention(
+        &self,
+        input: &AttentionInput<'_>,
+        step: &mut Step,
+        layer: usize,
+        filter: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let Some(ids) = step.seq_ids.as_ref() else {
+            candle_core::bail!("omnikv: `real_offload` without sequence ids");
+        };
+        let (b, _h, s, _d) = input.q.dims4()?;
+        let device = input.q.device();
+        for i in 0..b {
+            self.store.append(
+                ids[i],
+                layer,
+                step.prompt_lens[i],
+                step.offsets[i],
+                &input.k.get(i)?,
+                &input.v.get(i)?,
+            )?;
+        }
+        if !step.sparse {
+            let fast = s >= crate::model::llama::FAST_PREFILL_MIN_TOKENS
+                && self.config.prefill == PrefillKernel::Fast;
+            let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                if fast {
+                    tiled_causal_attention(q, k, v, scale)
+                } else {
+                    dense_attention(q, k, v, scale)
+                }
+            };
+            if step.offsets.iter().all(|&o| o == 0) {
+                return attend(input.q, input.k, input.v);
+            }
+            let mut outs = Vec::with_capacity(b);
+            for (i, &id) in ids.iter().enumerate() {
+                let (k, v) = self.store.all_rows(id, layer, device)?;
+                outs.push(attend(&input.q.narrow(0, i, 1)?, &k, &v)?);
+            }
+            return Tensor::cat(&outs, 0);
+        }
+        let Some(selection) = step.selections[filter].as_ref() else {
+            candle_core::bail!(
+                "omnikv: layer {layer} runs before its filter layer {filter} selected tokens"
+            );
+        };
+        let mut outs = Vec::with_capacity(b);
+        for (i, sel) in selection.iter().enumerate() {
+            let qi = input.q.narrow(0, i, 1)?;
+            let prefetched = step
+                .prefetch
+                .get_mut(&layer)
+                .and_then(|jobs| jobs.get_mut(i)?.take());
+            let (k, v) = if sel.len() >= step.prompt_lens[i] {
+                self.store.all_rows(ids[i], layer, device)?
+            } else if let Some(job) = prefetched {
+                let staged = job.recv().map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "omnikv: the staging job of layer {layer} stopped without a result"
+                    ))
+                })??;
+                self.store.with_tail(ids[i], layer, staged)?
+            } else {
+                self.store.gather(ids[i], layer, sel, device)?
+            };
+            outs.push(dense_attention(&qi, &k, &v, scale)?);
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
+
 impl KvCacheBackend for OmniKvBackend {
     fn name(&self) -> &str {
         BACKEND_NAME
+    }
+
+    fn validate_prompt(
+        &self,
+        prompt_len: usize,
+        max_new_tokens: Option<usize>,
+    ) -> anyhow::Result<()> {
+        let max = self.config.max_context_len;
+        let total = prompt_len + max_new_tokens.unwrap_or(0);
+        if prompt_len > max {
+            anyhow::bail!(
+                "the prompt has {prompt_len} tokens, more than `max_context_len` = {max} of the omnikv config: shorten the prompt or raise `max_context_len`"
+            );
+        }
+        if total > max {
+            anyhow::bail!(
+                "the prompt ({prompt_len} tokens) plus `max_tokens` ({}) exceed `max_context_len` = {max} of the omnikv config: lower `max_tokens` or raise `max_context_len`",
+                total - prompt_len
+            );
+        }
+        Ok(())
+    }
+
+    fn supports_prefix_cache(&self) -> bool {
+        // A restored prefix would lack the offloaded rows.
+        !self.config.real_offload
+    }
+
+    fn sequence_finished(&self, seq_id: usize) {
+        if let Some(held) = self.store.release(seq_id) {
+            let now = self.store.usage();
+            tracing::info!(
+                "omnikv store: released sequence {seq_id} ({} host tier, {} device tier); {} sequence(s) hold {} host, {} device",
+                Bytes(held.host),
+                Bytes(held.device),
+                now.sequences,
+                Bytes(now.total.host),
+                Bytes(now.total.device)
+            );
+        }
     }
 
     fn validate_request_options(&self, options: &serde_json::Value) -> anyhow::Result<()> {
@@ -206,9 +396,24 @@ impl KvCacheBackend for OmniKvBackend {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let seq_ids = mistralrs_core::kv_backend::current_sequence_ids()
+            .filter(|ids| ids.len() == info.batch_size);
+        if self.config.real_offload && (seq_ids.is_none() || info.prompt_lens.is_none()) {
+            candle_core::bail!(
+                "omnikv: `real_offload` needs the host to report sequence ids and prompt lengths (mistral.rs with this project's patches, text pipeline); set `real_offload` = false to run here"
+            );
+        }
+        let prompt_lens = if self.config.real_offload {
+            info.prompt_lens.clone().unwrap_or_default()
+        } else {
+            prompt_lens
+        };
         Ok(Box::new(Step {
             sparse,
             prompt_lens,
+            seq_ids,
+            offsets: info.seqlen_offsets.to_vec(),
+            prefetch: Default::default(),
             budgets,
             selections: vec![None; info.num_layers],
             dists: Vec::new(),
@@ -231,6 +436,9 @@ impl KvCacheBackend for OmniKvBackend {
         let (b, _h, _s, d) = input.q.dims4()?;
         let kv_h = input.k.dim(1)?;
 
+        if let (true, LayerRole::Sparse { filter }) = (self.config.real_offload, role) {
+            return self.offloaded_attention(input, step, layer, filter, scale);
+        }
         let keeps_queries = self.keeps_queries(role);
         let (k, v_cached) = if keeps_queries {
             let v = Tensor::cat(&[input.v, &group_queries(input.q, kv_h)?], 3)?;
@@ -243,6 +451,16 @@ impl KvCacheBackend for OmniKvBackend {
         } else {
             v_cached.clone()
         };
+        if let Some(ids) = &step.seq_ids {
+            // Device-tier accounting: this layer's rows in the model cache.
+            let row_bytes =
+                ((k.dim(3)? + v_cached.dim(3)?) * kv_h * k.dtype().size_in_bytes()) as u64;
+            let s = input.k.dim(2)?;
+            for (&id, &offset) in ids.iter().zip(&step.offsets) {
+                self.store
+                    .note_dense(id, layer, (offset + s) as u64 * row_bytes);
+            }
+        }
 
         if !step.sparse {
             if input.q.dim(2)? >= crate::model::llama::FAST_PREFILL_MIN_TOKENS
@@ -293,8 +511,16 @@ impl KvCacheBackend for OmniKvBackend {
                         self.config.keep,
                     )?);
                 }
+                if let Some(ids) = &step.seq_ids {
+                    for (&id, sel) in ids.iter().zip(&per_seq) {
+                        self.store.note_selection(id, layer, sel);
+                    }
+                }
                 tracing::trace!("omnikv layer {layer}: selected {per_seq:?} of {n} rows");
                 step.selections[layer] = Some(per_seq);
+                if self.config.real_offload {
+                    self.start_prefetch(step, plan, layer, input.q.device())?;
+                }
                 dense_attention(input.q, &k, &v, scale)
             }
             LayerRole::Sparse { filter } => {

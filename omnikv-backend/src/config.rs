@@ -99,6 +99,9 @@ pub struct OmniKvConfigFile {
     /// Not in the published schema: calibration mode, decode densely and
     /// write the inter-layer recall to this file.
     pub record_recall: Option<String>,
+    /// Not in the published schema: limit of the host tier (offloaded
+    /// sparse-layer keys/values of all sequences), in bytes.
+    pub max_host_bytes: Option<u64>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -124,6 +127,7 @@ const KNOWN_KEYS: &[&str] = &[
     "keep_sink_tokens",
     "keep_recent_tokens",
     "record_recall",
+    "max_host_bytes",
 ];
 
 /// All problems found in a config, one line each.
@@ -235,6 +239,7 @@ impl OmniKvConfigFile {
             keep_sink_tokens: field(map, "keep_sink_tokens", int, &mut e),
             keep_recent_tokens: field(map, "keep_recent_tokens", int, &mut e),
             record_recall: field(map, "record_recall", string, &mut e),
+            max_host_bytes: field(map, "max_host_bytes", int, &mut e),
         };
         (file, e)
     }
@@ -267,6 +272,9 @@ pub struct OmniKvConfig {
     pub keep: crate::selector::Keep,
     /// Calibration: decode densely and record inter-layer recall here.
     pub record_recall: Option<std::path::PathBuf>,
+    /// With `real_offload`: the most bytes the host tier may hold for all
+    /// sequences together; a prompt that would exceed it fails alone.
+    pub max_host_bytes: Option<u64>,
 }
 
 /// Upper bound for counts that size allocations or threads; anything larger
@@ -461,6 +469,15 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
                 None => {}
             }
         }
+        if f.max_host_bytes.is_some() && f.real_offload != Some(true) {
+            e.push("`max_host_bytes` limits the host tier of `real_offload`: set `real_offload` = true or remove `max_host_bytes`".into());
+        }
+        if f.max_host_bytes == Some(0) {
+            e.push("`max_host_bytes` = 0: expected at least 1 (omit the key for no limit)".into());
+        }
+        if f.record_recall.is_some() && f.real_offload == Some(true) {
+            e.push("`record_recall` (calibration) decodes densely and cannot run with `real_offload` = true: set `real_offload` = false".into());
+        }
         if f.record_recall.as_deref() == Some("") {
             e.push("`record_recall` = \"\": expected the path of the file to write".into());
         }
@@ -488,6 +505,7 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
             prefill: prefill.expect("checked above"),
             keep,
             record_recall: f.record_recall.map(std::path::PathBuf::from),
+            max_host_bytes: f.max_host_bytes,
         })
     }
 }

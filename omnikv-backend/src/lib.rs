@@ -14,6 +14,7 @@ pub mod plan;
 pub mod recall;
 pub mod selector;
 pub mod sparse_attention;
+pub mod store;
 
 use std::sync::{Arc, Once};
 

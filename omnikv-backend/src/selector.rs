@@ -58,7 +58,14 @@ impl Selector for Last {
     }
     fn scores(&self, queries: &Tensor, keys: &Tensor, scale: f64) -> Result<Tensor> {
         let n = queries.dim(0)?;
-        head_max_scores(&queries.narrow(0, n - 1, 1)?, keys, scale, false)?.squeeze(0)
+        let q = queries.get(n - 1)?; // (h, d)
+        let p = keys.dim(1)?;
+        if keys.device().is_cpu() {
+            // Fused scoring: keys read in place, no (h, P) logit matrix.
+            let s = crate::attention::fused_head_max_scores(&q, keys, scale)?;
+            return Tensor::from_vec(s, p, queries.device());
+        }
+        head_max_scores(&q.unsqueeze(0)?, keys, scale, false)?.squeeze(0)
     }
 }
 

@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::attention::streaming_attention;
+use crate::attention::{indexed_decode_attention, streaming_attention};
 
 /// Rows one sequence attends to: the sorted prompt selection, then every
 /// generated position `prompt_len .. n`.
@@ -24,8 +24,22 @@ pub fn attended_rows(selection: &[u32], prompt_len: usize, n: usize) -> Vec<u32>
 /// * `k`, `v`: `(1, kv_h, n, d)`, that sequence's whole cache;
 /// * `rows`: ascending cache rows to attend (see [`attended_rows`]).
 ///
-/// Returns `(1, h, 1, d)`. The softmax runs over the attended rows only.
+/// Returns `(1, h, 1, d)`. The softmax runs over the attended rows only. The
+/// rows are read in place from the cache, blocks of rows in parallel; the
+/// result is bit-identical to [`gathered_decode_attention`].
 pub fn sparse_decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rows: &[u32],
+    scale: f64,
+) -> Result<Tensor> {
+    indexed_decode_attention(q, &[(k, v, rows)], scale)
+}
+
+/// Plain reference of [`sparse_decode_attention`]: copy the rows, then
+/// attend densely.
+pub fn gathered_decode_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -110,6 +110,10 @@ const BAD: &[Bad] = &[
     Bad { json: r#"{"do_select_layers": "2", "keep_sink_tokens": -4}"#, expect: "`keep_sink_tokens` = -4: expected a non-negative integer" },
     Bad { json: r#"{"do_select_layers": "2", "keep_recent_tokens": 99999999}"#, expect: "`keep_recent_tokens` = 99999999: expected 0..=1048576" },
     Bad { json: r#"{"do_select_layers": "2", "record_recall": ""}"#, expect: "`record_recall` = \"\": expected the path" },
+    Bad { json: r#"{"do_select_layers": "2", "max_host_bytes": 1000}"#, expect: "set `real_offload` = true or remove `max_host_bytes`" },
+    Bad { json: r#"{"do_select_layers": "2", "real_offload": true, "max_host_bytes": 0}"#, expect: "`max_host_bytes` = 0" },
+    Bad { json: r#"{"do_select_layers": "2", "real_offload": true, "max_host_bytes": "1GB"}"#, expect: "`max_host_bytes` = \"1GB\": expected a non-negative integer" },
+    Bad { json: r#"{"do_select_layers": "2", "real_offload": true, "record_recall": "r.json"}"#, expect: "cannot run with `real_offload` = true" },
 ];
 
 #[test]
@@ -236,6 +240,9 @@ fn generated_configs_never_panic() {
         json!("\u{0}"),
         json!([2, 8, 18]),
         json!(16),
+        json!("fast"),
+        json!(-0.0),
+        json!({"nested": [1, {"deep": null}]}),
     ];
     let keys = [
         "cpu_num_threads",
@@ -252,6 +259,12 @@ fn generated_configs_never_panic() {
         "num_of_selected_tokens",
         "selector_cls",
         "window_size",
+        "min_prompt_len",
+        "prefill",
+        "keep_sink_tokens",
+        "keep_recent_tokens",
+        "record_recall",
+        "max_host_bytes",
         "other",
     ];
     // A small deterministic LCG keeps this reproducible without extra crates.

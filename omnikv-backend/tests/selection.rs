@@ -7,10 +7,15 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope, KvCacheBackend};
+use omnikv_backend::attention::indexed_decode_attention;
 use omnikv_backend::config::SelectorKind;
 use omnikv_backend::selector::{make_selector, select, select_keeping, top_k_sorted, Keep};
-use omnikv_backend::sparse_attention::{attended_rows, sparse_decode_attention};
+use omnikv_backend::sparse_attention::{
+    attended_rows, gathered_decode_attention, sparse_decode_attention,
+};
 use omnikv_backend::{LlamaOmniKv, OmniKvBackend, OmniKvConfig};
+
+mod common;
 
 /// Deterministic pseudo-random numbers in [-1, 1).
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -179,6 +184,41 @@ fn selectors_match_reference() {
     }
 }
 
+/// The fused CPU scoring of `last` (keys read in place, blocks in parallel)
+/// against the matrix form, for f32 and f16 keys and several blocks.
+#[test]
+fn fused_scores_match_the_matrix_form() {
+    let dev = Device::Cpu;
+    for (kvh, g, d, p, seed) in [(3, 3, 64, 700, 7u64), (1, 8, 16, 256, 8), (4, 1, 32, 3, 9)] {
+        let h = kvh * g;
+        let q = Tensor::from_vec(rand_vec(h * d, seed), (h, d), &dev).unwrap();
+        let k = Tensor::from_vec(rand_vec(kvh * p * d, seed + 1), (kvh, p, d), &dev).unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            let k = k.to_dtype(dtype).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = omnikv_backend::attention::fused_head_max_scores(&q, &k, scale).unwrap();
+            let want: Vec<f32> = omnikv_backend::selector::head_max_scores(
+                &q.unsqueeze(0).unwrap(),
+                &k,
+                scale,
+                false,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+            assert_eq!(got.len(), p);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{dtype:?} P={p}: {diff}");
+        }
+    }
+}
+
 #[test]
 fn selection_budget_and_prompt_tail_rule() {
     let dev = Device::Cpu;
@@ -259,6 +299,67 @@ fn sparse_attention_matches_masked_full_attention() {
             }
         }
     }
+}
+
+/// The in-place sparse decode (rows read where they are, blocks in
+/// parallel) is bit-identical to copying the rows first, for f32 and f16
+/// caches, cache views with spare capacity, and rows split over two sources
+/// (host-tier prompt rows + generated rows).
+#[test]
+fn in_place_sparse_decode_equals_the_gathered_copy() {
+    let dev = Device::Cpu;
+    for (kvh, g, d, cap, n, seed) in [
+        (3, 3, 64, 80, 60, 4u64),
+        (2, 4, 16, 300, 257, 5),
+        (1, 1, 8, 5, 5, 6),
+    ] {
+        let h = kvh * g;
+        let q = Tensor::from_vec(rand_vec(h * d, seed), (1, h, 1, d), &dev).unwrap();
+        let buf_k =
+            Tensor::from_vec(rand_vec(kvh * cap * d, seed + 1), (1, kvh, cap, d), &dev).unwrap();
+        let buf_v =
+            Tensor::from_vec(rand_vec(kvh * cap * d, seed + 2), (1, kvh, cap, d), &dev).unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            // A cache view: the first n rows of a larger buffer (strided).
+            let k = buf_k.to_dtype(dtype).unwrap().narrow(2, 0, n).unwrap();
+            let v = buf_v.to_dtype(dtype).unwrap().narrow(2, 0, n).unwrap();
+            let q = q.to_dtype(dtype).unwrap();
+            let rows: Vec<u32> = (0..n as u32)
+                .filter(|j| (j * 5 + seed as u32) % 3 != 0)
+                .collect();
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = gathered_decode_attention(&q, &k, &v, &rows, scale).unwrap();
+            let got = sparse_decode_attention(&q, &k, &v, &rows, scale).unwrap();
+            assert_eq!(common::max_abs_diff(&got, &want), 0.0, "{dtype:?} n {n}");
+            // Two sources: prompt rows 0..p (selected) and generated rows p..n.
+            let p = n - n / 4;
+            let (sel, tail): (Vec<u32>, Vec<u32>) = rows.iter().partition(|&&r| (r as usize) < p);
+            let tail_rows: Vec<u32> = tail.iter().map(|r| r - p as u32).collect();
+            let (kp, vp) = (k.narrow(2, 0, p).unwrap(), v.narrow(2, 0, p).unwrap());
+            let (kt, vt) = (
+                k.narrow(2, p, n - p).unwrap(),
+                v.narrow(2, p, n - p).unwrap(),
+            );
+            let two = indexed_decode_attention(
+                &q,
+                &[(&kp, &vp, sel.as_slice()), (&kt, &vt, tail_rows.as_slice())],
+                scale,
+            )
+            .unwrap();
+            assert_eq!(
+                common::max_abs_diff(&two, &want),
+                0.0,
+                "two parts, {dtype:?} n {n}"
+            );
+        }
+    }
+    // Rows beyond a source are refused, not read.
+    let k = Tensor::zeros((1, 1, 4, 8), DType::F32, &dev).unwrap();
+    let q = Tensor::zeros((1, 1, 1, 8), DType::F32, &dev).unwrap();
+    let err = sparse_decode_attention(&q, &k, &k, &[0, 4], 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 4"), "{err}");
 }
 
 fn tiny(config: serde_json::Value) -> LlamaOmniKv {
