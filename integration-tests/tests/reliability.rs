@@ -199,8 +199,20 @@ fn bad_requests_get_4xx_and_the_server_keeps_serving() {
     assert_eq!(got, 422, "{text}");
     tried += 1;
     eprintln!("bad requests tried: {tried}");
-    // Still serving, nothing panicked, every rejection was logged as an
-    // ordinary response.
+    // Rejections by the server are logged (JSON syntax errors are answered
+    // by the HTTP framework before any handler and are not).
+    for logged in [
+        "Rejected request: `max_tokens` must be at least 1",
+        "Rejected request: Requested model 'gpt-nope' is not available",
+        "Rejected request: the prompt has",
+    ] {
+        assert!(
+            server.log_contains(logged),
+            "{logged:?} not logged:\n{}",
+            server.log_tail()
+        );
+    }
+    // Still serving, nothing panicked.
     let done = server.chat("What is the capital of Japan?", 8).unwrap();
     assert!(!done.text.is_empty());
     assert!(!server.log_contains("panicked"), "{}", server.log_tail());
@@ -244,7 +256,22 @@ fn concurrent_requests_match_their_solo_outputs_in_cache() {
 fn concurrent_requests_match_their_solo_outputs(offload: bool) {
     let _guard = serial();
     let config = offload_config("concurrency", json!({"real_offload": offload}));
-    let server = start(&config);
+    // Offload turns the host's prefix cache off by itself; in cache it is
+    // turned off here too: with it on and these prompts (long shared
+    // prefixes, 16 at once), the host's scheduler re-runs the prompt pass of
+    // sequences it had waitlisted, starting at their prefix-cache offset,
+    // and some of them never finish (seen in the backend's pass trace; the
+    // decision to re-prefill is the scheduler's). Left for a host fix.
+    let server = Server::start(
+        "omnikv",
+        &[
+            "--kv-cache-config",
+            config.to_str().unwrap(),
+            "--prefix-cache-n",
+            "0",
+        ],
+    )
+    .unwrap();
     // 16 requests: prompt lengths from ~40 to ~1,400 tokens, different
     // budgets (the config's 0.1, 0.2, 64 tokens, selection off), max_tokens
     // 6..20; four of them sample (temperature, top_p, top_k) and are only

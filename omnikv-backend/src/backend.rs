@@ -139,6 +139,11 @@ impl OmniKvBackend {
         Ok(())
     }
 
+    /// The tiered store (for filling it directly, e.g. in benchmarks).
+    pub fn store(&self) -> &TieredStore {
+        &self.store
+    }
+
     /// Bytes held per tier, per sequence and in total (see
     /// [`crate::store`]).
     pub fn store_usage(&self) -> StoreUsage {
@@ -351,6 +356,14 @@ impl KvCacheBackend for OmniKvBackend {
                 Bytes(now.total.host),
                 Bytes(now.total.device)
             );
+            if now.staged_rows > 0 {
+                tracing::info!(
+                    "omnikv store: delta fetch moved {} of {} staged prompt rows so far ({:.1}% reused from the previous step)",
+                    now.moved_rows,
+                    now.staged_rows,
+                    100.0 * (now.staged_rows - now.moved_rows) as f64 / now.staged_rows as f64
+                );
+            }
         }
     }
 
@@ -370,11 +383,12 @@ impl KvCacheBackend for OmniKvBackend {
     fn begin_forward(&self, info: &ForwardInfo<'_>) -> Result<ForwardState> {
         self.plan(info.num_layers)?;
         tracing::trace!(
-            "omnikv pass: batch {} x {} tokens, offsets {:?}, prompt lengths {:?}",
+            "omnikv pass: batch {} x {} tokens, offsets {:?}, prompt lengths {:?}, sequences {:?}",
             info.batch_size,
             info.seq_len,
             info.seqlen_offsets,
-            info.prompt_lens
+            info.prompt_lens,
+            mistralrs_core::kv_backend::current_sequence_ids()
         );
         let (sparse, prompt_lens) = match &info.prompt_lens {
             Some(lens) if !info.is_prefill() => (true, lens.clone()),
