@@ -366,21 +366,6 @@ impl TieredStore {
             .transpose()
     }
 
-    /// Host-tier prompt rows of a sparse layer, `(kv_h, P, d)` each (views,
-    /// no copy; for attention that reads them in place).
-    pub fn host_rows(&self, seq: usize, layer: usize) -> Result<(Tensor, Tensor)> {
-        let inner = self.lock();
-        let Some((k, v)) = inner
-            .seqs
-            .get(&seq)
-            .and_then(|e| e.sparse.get(&layer))
-            .and_then(|l| l.host.as_ref())
-        else {
-            candle_core::bail!("omnikv: no host-tier rows for sequence {seq}, layer {layer}");
-        };
-        Ok((k.view()?, v.view()?))
-    }
-
     /// [`Self::stage`] followed by the generated rows:
     /// `(1, kv_h, sel + generated, d)` keys and values.
     pub fn gather(

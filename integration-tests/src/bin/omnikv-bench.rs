@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::eval::{machine_description, Variant};
+use integration_tests::eval::{machine_description, median, Variant};
 use integration_tests::root;
 use serde_json::Value;
 
@@ -42,18 +42,6 @@ fn prompt(tokens: usize, salt: usize) -> String {
     }
     s.push_str("List every record about a red box, one per line, with its shelf.");
     s
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn main() -> Result<()> {

@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::eval::machine_description;
+use integration_tests::eval::{machine_description, median};
 use integration_tests::root;
 use mistralrs_core::kv_backend::{
     AttentionInput, DefaultKvCacheBackend, ForwardInfo, ForwardScope, KvCache, KvCacheBackend,
@@ -175,16 +175,6 @@ impl Model {
             x = (&x + layer.down.forward(&h)?)?;
         }
         Ok(self.lm_head.forward(&x)?)
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
