@@ -1,7 +1,8 @@
 //! OmniKV (ICLR 2025, "Dynamic Context Selection for Efficient Long-Context
 //! LLMs") as a KV-cache backend for mistral.rs.
 //!
-//! [`register`] adds the `omnikv` KV-cache backend and the `llama_omnikv`
+//! [`register`] adds the `omnikv` KV-cache backend, the token-dropping
+//! baselines `h2o` and `streaming` ([`evict`]) and the `llama_omnikv`
 //! architecture to the host's registries; the patched `mistralrs` CLI calls it
 //! at start-up, after which `--kv-cache omnikv --kv-cache-config <file.json>`
 //! selects them.
@@ -9,6 +10,7 @@
 pub mod attention;
 pub mod backend;
 pub mod config;
+pub mod evict;
 pub mod model;
 pub mod plan;
 pub mod recall;
@@ -24,6 +26,7 @@ use mistralrs_core::kv_backend::{
 
 pub use backend::{OmniKvBackend, BACKEND_NAME};
 pub use config::{OmniKvConfig, OmniKvConfigFile};
+pub use evict::{EvictingBackend, EvictionConfig, H2O_NAME, STREAMING_NAME};
 pub use model::{LlamaOmniKv, LlamaOmniKvArchitecture, ARCHITECTURE_NAME};
 
 /// Register the `omnikv` backend and the `llama_omnikv` architecture with the
@@ -51,5 +54,21 @@ pub fn register() {
                 Ok(Arc::new(OmniKvBackend::new(config)) as Arc<dyn KvCacheBackend>)
             }),
         );
+        for name in [H2O_NAME, STREAMING_NAME] {
+            register_kv_cache_backend(
+                name,
+                Arc::new(move |config: Option<&serde_json::Value>| {
+                    let config = EvictionConfig::from_value(name, config)?;
+                    tracing::info!(
+                        "{name}: {}, budget {:?} (at least {} rows), prompts from {} tokens evicted from",
+                        config.policy,
+                        config.budget,
+                        config.min_tokens,
+                        config.min_prompt_len
+                    );
+                    Ok(Arc::new(EvictingBackend::new(config)) as Arc<dyn KvCacheBackend>)
+                }),
+            );
+        }
     });
 }

@@ -645,10 +645,7 @@ impl LlamaOmniKv {
             })
         };
         let final_norm = norm("output_norm.weight")?;
-        let fast_prefill = backend
-            .as_any()
-            .downcast_ref::<crate::backend::OmniKvBackend>()
-            .is_some_and(|b| b.config().prefill == crate::config::PrefillKernel::Fast);
+        let fast_prefill = super::fast_prefill(&*backend);
         let mut prefill_bytes = 0usize;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

@@ -20,6 +20,18 @@ pub const ARCHITECTURE_NAME: &str = "llama_omnikv";
 #[derive(Debug, Default)]
 pub struct LlamaOmniKvArchitecture;
 
+/// Whether the backend asked for the fast prefill kernels (f32 copies of the
+/// quantized weights for prompt passes).
+pub(crate) fn fast_prefill(backend: &dyn KvCacheBackend) -> bool {
+    use crate::config::PrefillKernel::Fast;
+    let any = backend.as_any();
+    any.downcast_ref::<OmniKvBackend>()
+        .is_some_and(|b| b.config().prefill == Fast)
+        || any
+            .downcast_ref::<crate::evict::EvictingBackend>()
+            .is_some_and(|b| b.config().prefill == Fast)
+}
+
 /// Reject a backend configuration that does not fit the model, at load time
 /// rather than on the first request.
 fn check_backend(backend: &Arc<dyn KvCacheBackend>, num_layers: usize) -> anyhow::Result<()> {
