@@ -9,7 +9,7 @@ KV_CACHE ?= omnikv
 KV_CACHE_CONFIG ?= configs/example.json
 CARGO ?= cargo
 
-.PHONY: prepare build serve test eval calibrate fixtures fmt
+.PHONY: prepare build serve test eval ab calibrate fixtures fmt
 
 ## Extract and patch the pinned host crates, fetch the model, install the
 ## OpenAI Python client the streaming-error test drives the server with.
@@ -44,6 +44,20 @@ EVAL_ARGS ?= --variants omnikv@1.0,omnikv@0.067,omnikv@0.1,omnikv@0.1:keep_sink_
 eval: build
 	scripts/fetch-haystack.sh
 	target/debug/omnikv-eval $(EVAL_ARGS)
+
+## A/B: the stock cache, OmniKV and the token-dropping baselines at three
+## budgets on needle-in-a-haystack, two-stage retrieval (chat and
+## chain-of-thought), two needles and the committed LongBench/InfiniteBench
+## sample files (writes results/ab.md and its plots; resumable).
+AB_ARGS ?= --variants default,omnikv@0.05,omnikv@0.1,omnikv@0.2,h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2 \
+  --suites needle,2stage,2needle,bench --needle-lengths 1000,2000 --depths 0,25,50,75,100 \
+  --two-stage-sizes 60 --two-stage-per-size 4 --prompt-modes chat,cot --two-needle-lengths 1000 \
+  --bench-files integration-tests/samples/longbench,integration-tests/samples/infinitebench \
+  --title "A/B: OmniKV vs token dropping on SmolLM2-135M-Instruct" \
+  --out results/ab.md --cache results/cache/ab.jsonl
+ab: build
+	scripts/fetch-haystack.sh
+	target/debug/omnikv-eval $(AB_ARGS)
 
 ## Filter-layer calibration (writes configs/smollm2-135m*.{json,svg,md}).
 CALIBRATE_ARGS ?= --filters 3 --wait-load 1 --budget 0.1 --candidates "2,8,18;3,6,19;2,10,14,19" \

@@ -53,6 +53,10 @@ pub enum Suite {
     /// distractor lockers) holds the code; the second is only needed once the
     /// first is found.
     TwoNeedle,
+    /// A LongBench or InfiniteBench task file, scored with its published
+    /// metric (the case's `length` numbers the task, its id is
+    /// `format/task/id`).
+    Bench,
 }
 
 impl Suite {
@@ -61,6 +65,7 @@ impl Suite {
             Suite::Needle => "needle",
             Suite::TwoStage => "2StageRetr",
             Suite::TwoNeedle => "two-needle",
+            Suite::Bench => "bench",
         }
     }
 }
@@ -80,12 +85,19 @@ pub struct Case {
     /// one of them before the answer is wrong.
     pub distractors: Vec<String>,
     pub max_tokens: usize,
+    /// How the prompt is sent (see [`PromptMode::apply`]).
+    #[serde(default = "chat_mode")]
+    pub mode: PromptMode,
+}
+
+fn chat_mode() -> PromptMode {
+    PromptMode::Chat
 }
 
 /// Is `output` correct for `case`? The answer must appear, and no planted
 /// distractor may appear before it.
 pub fn score(case: &Case, output: &str) -> bool {
-    let out = output.to_lowercase();
+    let out = answer_part(case.mode, output).to_lowercase();
     let Some(at) = find_word(&out, &case.answer.to_lowercase()) else {
         return false;
     };
@@ -209,6 +221,7 @@ pub fn needle_cases(haystack: &str, lengths: &[usize], depths: &[u32]) -> Vec<Ca
                 answer: code.to_string(),
                 distractors: Vec::new(),
                 max_tokens: 32,
+                mode: PromptMode::Chat,
             });
         }
     }
@@ -258,6 +271,7 @@ pub fn two_stage_cases(sizes: &[usize], per_size: usize) -> Vec<Case> {
                 answer,
                 distractors,
                 max_tokens: 40,
+                mode: PromptMode::Chat,
             });
         }
     }
@@ -302,6 +316,7 @@ pub fn two_needle_cases(haystack: &str, lengths: &[usize], depths: &[(u32, u32)]
                 answer: code.to_string(),
                 distractors: wrong.iter().map(|w| w.to_string()).collect(),
                 max_tokens: 48,
+                mode: PromptMode::Chat,
             });
         }
     }
@@ -318,8 +333,9 @@ pub fn budget_value(b: f64) -> Value {
     }
 }
 
-/// What runs a case: the stock cache, or OmniKV with a base config, a budget
-/// and optional extra config keys.
+/// What runs a case: the stock cache, OmniKV with a base config, a budget
+/// and optional extra config keys, or a token-dropping baseline (`h2o`,
+/// `streaming`) with a budget and optional config keys.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Variant {
     Default,
@@ -327,18 +343,46 @@ pub enum Variant {
         budget: f64,
         extra: serde_json::Map<String, Value>,
     },
+    Evict {
+        backend: String,
+        budget: f64,
+        extra: serde_json::Map<String, Value>,
+    },
+}
+
+/// The token-dropping baselines a variant can name.
+pub const BASELINES: [&str; 2] = ["h2o", "streaming"];
+
+fn label_with(name: &str, budget: f64, extra: &serde_json::Map<String, Value>) -> String {
+    if extra.is_empty() {
+        return format!("{name}@{budget}");
+    }
+    format!(
+        "{name}@{budget}:{}",
+        extra
+            .iter()
+            .map(|(k, v)| format!(
+                "{k}={}",
+                v.as_str().map(String::from).unwrap_or(v.to_string())
+            ))
+            .collect::<Vec<_>>()
+            .join("+")
+    )
 }
 
 impl Variant {
-    /// `default`, `omnikv@0.1`, or `omnikv@0.1:key=value+key=value` (values
-    /// are JSON, bare words are strings).
+    /// `default`, `omnikv@0.1`, `omnikv@0.1:key=value+key=value` (values
+    /// are JSON, bare words are strings), `h2o@0.1`, `streaming@0.1[:...]`.
     pub fn parse(spec: &str) -> Result<Self> {
         if spec == "default" {
             return Ok(Variant::Default);
         }
-        let Some(rest) = spec.strip_prefix("omnikv@") else {
+        let Some((name, rest)) = spec
+            .split_once('@')
+            .filter(|(n, _)| *n == "omnikv" || BASELINES.contains(n))
+        else {
             bail!(
-                "variant `{spec}`: expected `default` or `omnikv@<budget>[:key=value+key=value]`"
+                "variant `{spec}`: expected `default` or `<omnikv|h2o|streaming>@<budget>[:key=value+key=value]`"
             );
         };
         let (budget, extra_spec) = rest.split_once(':').unwrap_or((rest, ""));
@@ -355,31 +399,57 @@ impl Variant {
             let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
             extra.insert(k.to_string(), v);
         }
-        Ok(Variant::OmniKv { budget, extra })
+        if name == "omnikv" {
+            Ok(Variant::OmniKv { budget, extra })
+        } else {
+            Ok(Variant::Evict {
+                backend: name.to_string(),
+                budget,
+                extra,
+            })
+        }
+    }
+
+    /// The `--kv-cache` backend name.
+    pub fn backend(&self) -> &str {
+        match self {
+            Variant::Default => "default",
+            Variant::OmniKv { .. } => "omnikv",
+            Variant::Evict { backend, .. } => backend,
+        }
+    }
+
+    /// The budget, for variants that have one.
+    pub fn budget(&self) -> Option<f64> {
+        match self {
+            Variant::Default => None,
+            Variant::OmniKv { budget, .. } | Variant::Evict { budget, .. } => Some(*budget),
+        }
     }
 
     pub fn label(&self) -> String {
         match self {
             Variant::Default => "default".into(),
-            Variant::OmniKv { budget, extra } if extra.is_empty() => format!("omnikv@{budget}"),
-            Variant::OmniKv { budget, extra } => format!(
-                "omnikv@{budget}:{}",
-                extra
-                    .iter()
-                    .map(|(k, v)| format!(
-                        "{k}={}",
-                        v.as_str().map(String::from).unwrap_or(v.to_string())
-                    ))
-                    .collect::<Vec<_>>()
-                    .join("+")
-            ),
+            Variant::OmniKv { budget, extra } => label_with("omnikv", *budget, extra),
+            Variant::Evict {
+                backend,
+                budget,
+                extra,
+            } => label_with(backend, *budget, extra),
         }
     }
 
-    /// The OmniKV config JSON for this variant on top of `base`.
+    /// The backend config JSON for this variant: OmniKV's on top of `base`,
+    /// a baseline's from its budget and keys.
     pub fn config(&self, base: &Value) -> Option<Value> {
-        let Variant::OmniKv { budget, extra } = self else {
-            return None;
+        let (budget, extra) = match self {
+            Variant::Default => return None,
+            Variant::Evict { budget, extra, .. } => {
+                let mut cfg = extra.clone();
+                cfg.insert("budget".into(), budget_value(*budget));
+                return Some(Value::Object(cfg));
+            }
+            Variant::OmniKv { budget, extra } => (budget, extra),
         };
         let mut cfg = base.as_object().cloned().unwrap_or_default();
         cfg.insert("num_of_selected_tokens".into(), budget_value(*budget));
@@ -409,7 +479,7 @@ impl Variant {
                 std::fs::write(&path, serde_json::to_string_pretty(&cfg)?)?;
                 let mut args = vec!["--kv-cache-config", path.to_str().unwrap()];
                 args.extend_from_slice(extra);
-                Server::start("omnikv", &args)
+                Server::start(self.backend(), &args)
             }
         }
     }
@@ -428,6 +498,132 @@ pub struct Outcome {
     pub correct: bool,
     pub prompt_time_sec: f64,
     pub total_time_sec: f64,
+    /// Generated tokens and the server's time for them (decode speed).
+    #[serde(default)]
+    pub completion_tokens: usize,
+    #[serde(default)]
+    pub completion_time_sec: f64,
+    /// A metric value in [0, 1] for benchmark-format cases (`correct` is
+    /// `score >= 0.5` there); `None` for pass/fail tasks.
+    #[serde(default)]
+    pub score: Option<f64>,
+}
+
+impl Outcome {
+    /// The case's score in [0, 1].
+    pub fn value(&self) -> f64 {
+        self.score.unwrap_or(if self.correct { 1.0 } else { 0.0 })
+    }
+
+    /// Decode tokens per second, when the server reported the time.
+    pub fn decode_tok_s(&self) -> Option<f64> {
+        (self.completion_tokens > 1 && self.completion_time_sec > 0.0)
+            .then(|| self.completion_tokens as f64 / self.completion_time_sec)
+    }
+}
+
+/// How a case's prompt reaches the model (the `use_chat_template` and `cot`
+/// config keys of the published runner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PromptMode {
+    /// Raw text on `/v1/completions` (`use_chat_template` = false).
+    Plain,
+    /// One user message on `/v1/chat/completions`, the model's chat template.
+    Chat,
+    /// Chat template plus a step-by-step instruction (`cot` = true); the
+    /// answer is read from the final `Answer:` line.
+    Cot,
+}
+
+/// The instruction chain-of-thought prompts end with.
+pub const COT_INSTRUCTION: &str = "Let's think step by step. Write out your reasoning first, then give the final answer on the last line in the form \"Answer: <answer>\".";
+
+impl PromptMode {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "plain" => PromptMode::Plain,
+            "chat" => PromptMode::Chat,
+            "cot" => PromptMode::Cot,
+            _ => bail!("prompt mode `{s}`: expected plain, chat or cot"),
+        })
+    }
+
+    /// From the config keys: `use_chat_template` (default true here: the
+    /// suites are written for an instruction-tuned model) and `cot`.
+    pub fn from_config(config: &Value) -> Result<Self> {
+        let chat = config
+            .get("use_chat_template")
+            .map(|v| {
+                v.as_bool()
+                    .context("`use_chat_template` must be true or false")
+            })
+            .transpose()?
+            .unwrap_or(true);
+        let cot = config
+            .get("cot")
+            .map(|v| v.as_bool().context("`cot` must be true or false"))
+            .transpose()?
+            .unwrap_or(false);
+        match (chat, cot) {
+            (_, true) if !chat => bail!("`cot` = true needs `use_chat_template` = true"),
+            (_, true) => Ok(PromptMode::Cot),
+            (true, false) => Ok(PromptMode::Chat),
+            (false, false) => Ok(PromptMode::Plain),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptMode::Plain => "plain",
+            PromptMode::Chat => "chat",
+            PromptMode::Cot => "cot",
+        }
+    }
+
+    /// The id [`Self::apply`] gives a case with id `id`.
+    pub fn apply_id(self, id: &str) -> String {
+        match self {
+            PromptMode::Chat => id.to_string(),
+            m => format!("{id}~{}", m.name()),
+        }
+    }
+
+    /// `case` as this mode asks it: chat cases keep their id; the others get
+    /// a `~plain`/`~cot` suffix, and chain-of-thought cases the instruction and
+    /// room for the reasoning.
+    pub fn apply(self, case: &Case) -> Case {
+        let mut c = case.clone();
+        c.mode = self;
+        match self {
+            PromptMode::Chat => {}
+            PromptMode::Plain => {
+                c.id = self.apply_id(&case.id);
+                if case.suite != Suite::Bench {
+                    // Benchmark templates already end where the answer starts.
+                    c.prompt = format!("{}\nAnswer:", case.prompt);
+                }
+            }
+            PromptMode::Cot => {
+                c.id = self.apply_id(&case.id);
+                c.prompt = format!("{}\n\n{COT_INSTRUCTION}", case.prompt);
+                c.max_tokens = case.max_tokens.max(200);
+            }
+        }
+        c
+    }
+}
+
+/// The part of an output that is scored: for chain-of-thought cases the text
+/// after the last `Answer:` (or the last line when there is none).
+pub fn answer_part(mode: PromptMode, output: &str) -> &str {
+    if mode != PromptMode::Cot {
+        return output;
+    }
+    let lower = output.to_lowercase();
+    if let Some(at) = lower.rfind("answer:") {
+        return &output[at + "answer:".len()..];
+    }
+    output.trim_end().rsplit('\n').next().unwrap_or(output)
 }
 
 pub fn fnv1a(parts: &[&str]) -> u64 {
@@ -509,4 +705,80 @@ pub fn machine_description() -> String {
 /// Default location of the haystack essays.
 pub fn haystack_dir() -> PathBuf {
     root().join("data/haystack")
+}
+
+/// Benchmark-format cases from `paths` (files, or directories of `.jsonl`
+/// files; the format is `format`, or else taken from the path: a path
+/// naming `infinitebench` is InfiniteBench, anything else LongBench). Each
+/// prompt is middle-truncated to `max_len` tokens of `tok` as the published
+/// runners do. Returns the cases and, by case id, the samples to score them.
+pub fn bench_cases(
+    paths: &[PathBuf],
+    format: Option<crate::bench_format::Format>,
+    tok: &tokenizers::Tokenizer,
+    max_len: usize,
+) -> Result<(Vec<Case>, BTreeMap<String, crate::bench_format::Sample>)> {
+    use crate::bench_format::{load_jsonl, truncate_middle, Format};
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut inner: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list `{}`", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|e| e == "jsonl"))
+                .collect();
+            inner.sort();
+            if inner.is_empty() {
+                bail!("`{}` has no .jsonl files", p.display());
+            }
+            files.extend(inner);
+        } else if p.is_file() {
+            files.push(p.clone());
+        } else {
+            bail!("benchmark file `{}` does not exist", p.display());
+        }
+    }
+    let mut tasks: Vec<String> = Vec::new();
+    let mut cases = Vec::new();
+    let mut samples = BTreeMap::new();
+    for f in files {
+        let fmt = format.unwrap_or_else(|| {
+            if f.to_string_lossy().to_lowercase().contains("infinitebench") {
+                Format::InfiniteBench
+            } else {
+                Format::LongBench
+            }
+        });
+        for sample in load_jsonl(&f, fmt)? {
+            let task = format!("{}/{}", fmt.name(), sample.task);
+            let index = match tasks.iter().position(|t| *t == task) {
+                Some(i) => i,
+                None => {
+                    tasks.push(task.clone());
+                    tasks.len() - 1
+                }
+            };
+            let id = format!("{task}/{}", sample.id);
+            if samples.contains_key(&id) {
+                bail!(
+                    "`{}`: sample id `{}` appears twice in task {task}",
+                    f.display(),
+                    sample.id
+                );
+            }
+            cases.push(Case {
+                id: id.clone(),
+                suite: Suite::Bench,
+                length: index,
+                depth: None,
+                prompt: truncate_middle(&sample.prompt, tok, max_len)?,
+                answer: String::new(),
+                distractors: Vec::new(),
+                max_tokens: sample.max_new_tokens,
+                mode: PromptMode::Chat,
+            });
+            samples.insert(id, sample);
+        }
+    }
+    Ok((cases, samples))
 }

@@ -5,7 +5,10 @@
 //! The tests expect `scripts/prepare-host.sh`, `scripts/fetch-model.sh` and
 //! `cargo build -p mistralrs-cli` to have run (`make test` does all three).
 
+pub mod bench_format;
 pub mod eval;
+pub mod metrics;
+pub mod plot;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -208,6 +211,41 @@ impl Server {
         self.chat_request(&body)
     }
 
+    /// A greedy raw-text completion (`/v1/completions`, no chat template).
+    pub fn complete(&self, prompt: &str, max_tokens: usize) -> Result<Completion> {
+        let body = serde_json::json!({
+            "model": "default",
+            "prompt": prompt,
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+        });
+        let (status, text) = self.post("/v1/completions", &body)?;
+        if status != 200 {
+            bail!("HTTP {status}: {text}");
+        }
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("response: {text}"))?;
+        Ok(Completion {
+            text: v["choices"][0]["text"]
+                .as_str()
+                .context("no text")?
+                .to_string(),
+            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+            completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
+            prompt_time_sec: v["usage"]["total_prompt_time_sec"].as_f64().unwrap_or(0.0),
+            completion_time_sec: v["usage"]["total_completion_time_sec"]
+                .as_f64()
+                .unwrap_or(0.0),
+        })
+    }
+
+    /// A case as its prompt mode sends it.
+    pub fn ask(&self, case: &eval::Case) -> Result<Completion> {
+        match case.mode {
+            eval::PromptMode::Plain => self.complete(&case.prompt, case.max_tokens),
+            _ => self.chat(&case.prompt, case.max_tokens),
+        }
+    }
+
     /// A chat completion with a body of the caller's choosing.
     pub fn chat_request(&self, body: &Value) -> Result<Completion> {
         let (status, text) = self.post("/v1/chat/completions", body)?;
@@ -273,6 +311,85 @@ impl StoreRelease {
     /// Nothing is held by any sequence after this release.
     pub fn store_empty(&self) -> bool {
         self.remaining == 0 && self.remaining_host == "0 B" && self.remaining_device == "0 B"
+    }
+}
+
+/// One `<backend> cache: released sequence <id> (<rows> rows, <bytes>; peak
+/// <rows> rows, <bytes>; <n> positions, a full cache holds <rows> rows); <k>
+/// sequence(s) live` line of the `h2o` and `streaming` backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvictRelease {
+    pub backend: String,
+    pub seq: usize,
+    /// Rows (positions x layers x KV heads) the sequence held at the end.
+    pub rows: u64,
+    pub bytes: String,
+    pub peak_rows: u64,
+    pub peak_bytes: String,
+    /// Positions the sequence saw, and the rows a cache that keeps every
+    /// position (the stock cache) holds for them.
+    pub positions: u64,
+    pub full_rows: u64,
+    pub live: usize,
+}
+
+impl EvictRelease {
+    pub fn parse(line: &str) -> Option<Self> {
+        let (head, rest) = line.split_once(" cache: released sequence ")?;
+        let backend = head.rsplit(' ').next()?.to_string();
+        let (seq, rest) = rest.split_once(" (")?;
+        let (rows, rest) = rest.split_once(" rows, ")?;
+        let (bytes, rest) = rest.split_once("; peak ")?;
+        let (peak_rows, rest) = rest.split_once(" rows, ")?;
+        let (peak_bytes, rest) = rest.split_once("; ")?;
+        let (positions, rest) = rest.split_once(" positions, a full cache holds ")?;
+        let (full_rows, rest) = rest.split_once(" rows); ")?;
+        let live = rest.split_once(" sequence(s) live")?.0;
+        Some(Self {
+            backend,
+            seq: seq.parse().ok()?,
+            rows: rows.parse().ok()?,
+            bytes: bytes.into(),
+            peak_rows: peak_rows.parse().ok()?,
+            peak_bytes: peak_bytes.into(),
+            positions: positions.parse().ok()?,
+            full_rows: full_rows.parse().ok()?,
+            live: live.parse().ok()?,
+        })
+    }
+}
+
+impl Server {
+    /// The eviction backends' release lines so far.
+    pub fn evict_releases(&self) -> Vec<EvictRelease> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(EvictRelease::parse)
+            .collect()
+    }
+
+    /// Wait until the log shows `count` eviction-backend releases.
+    pub fn wait_for_evict_releases(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<EvictRelease>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.evict_releases();
+            if r.len() >= count {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} releases logged, expected {count}:\n{}",
+                    r.len(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

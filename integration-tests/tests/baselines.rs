@@ -13,11 +13,30 @@ const LAYERS: u64 = 30;
 const KV_HEADS: u64 = 3;
 
 fn filler(sentences: usize) -> String {
-    let subjects = ["The river", "A small boat", "The old bridge", "Every morning the market", "The lighthouse"];
+    let subjects = [
+        "The river",
+        "A small boat",
+        "The old bridge",
+        "Every morning the market",
+        "The lighthouse",
+    ];
     let verbs = ["carried", "watched", "crossed", "welcomed", "guided"];
-    let objects = ["the fishermen", "a quiet crowd", "the autumn fog", "travellers from the hills", "the evening light"];
+    let objects = [
+        "the fishermen",
+        "a quiet crowd",
+        "the autumn fog",
+        "travellers from the hills",
+        "the evening light",
+    ];
     (0..sentences)
-        .map(|i| format!("{} {} {}.", subjects[i % 5], verbs[(i / 5) % 5], objects[(i / 25) % 5]))
+        .map(|i| {
+            format!(
+                "{} {} {}.",
+                subjects[i % 5],
+                verbs[(i / 5) % 5],
+                objects[(i / 25) % 5]
+            )
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -43,19 +62,31 @@ fn baselines_hold_fewer_rows_and_answer_short_prompts() {
 
         // A long prompt: a tenth of its rows (or the 32-row floor) per layer
         // and KV head remain.
-        let long = format!("{}\n\nWhat does the lighthouse do? Answer in one sentence.", filler(120));
+        let long = format!(
+            "{}\n\nWhat does the lighthouse do? Answer in one sentence.",
+            filler(120)
+        );
         let done = server.chat(&long, 16).unwrap();
-        let r = server.wait_for_evict_releases(warmup + 1, Duration::from_secs(30)).unwrap();
+        let r = server
+            .wait_for_evict_releases(warmup + 1, Duration::from_secs(30))
+            .unwrap();
         let r = r.last().unwrap();
         assert_eq!(r.backend, backend);
         let positions = (done.prompt_tokens + done.completion_tokens - 1) as u64;
-        assert_eq!(r.positions, positions, "{backend}: positions seen = prompt + generated - 1");
+        assert_eq!(
+            r.positions, positions,
+            "{backend}: positions seen = prompt + generated - 1"
+        );
         // The stock cache keeps every position in every layer and KV head.
         let stock_rows = positions * LAYERS * KV_HEADS;
         assert_eq!(r.full_rows, stock_rows);
         let kept = (done.prompt_tokens as u64 / 10).max(32);
         assert_eq!(r.rows, kept * LAYERS * KV_HEADS, "{backend}: {r:?}");
-        assert!(r.rows * 5 < stock_rows, "{backend} holds {} rows, stock {stock_rows}", r.rows);
+        assert!(
+            r.rows * 5 < stock_rows,
+            "{backend} holds {} rows, stock {stock_rows}",
+            r.rows
+        );
         assert_eq!(r.live, 0, "{backend}: nothing held after the request");
         eprintln!(
             "{backend}: {} prompt tokens, {} rows held ({}), stock cache {} rows; answer {:?}",
@@ -64,11 +95,24 @@ fn baselines_hold_fewer_rows_and_answer_short_prompts() {
 
         // Short prompts: evicted down to the 32-row floor while decoding.
         let c = server.chat("What is the capital of Japan?", 48).unwrap();
-        assert!(c.text.contains("Tokyo"), "{backend}: {:?} (stock: {})", c.text, japan["output"]);
-        let c = server.chat("Write two sentences about the ocean.", 48).unwrap();
-        assert!(c.text.to_lowercase().contains("ocean"), "{backend}: {:?}", c.text);
+        assert!(
+            c.text.contains("Tokyo"),
+            "{backend}: {:?} (stock: {})",
+            c.text,
+            japan["output"]
+        );
+        let c = server
+            .chat("Write two sentences about the ocean.", 48)
+            .unwrap();
+        assert!(
+            c.text.to_lowercase().contains("ocean"),
+            "{backend}: {:?}",
+            c.text
+        );
         assert!(c.completion_tokens >= 10, "{backend}: {:?}", c.text);
-        let after = server.wait_for_evict_releases(warmup + 3, Duration::from_secs(30)).unwrap();
+        let after = server
+            .wait_for_evict_releases(warmup + 3, Duration::from_secs(30))
+            .unwrap();
         assert!(after.iter().all(|r| r.live == 0), "{backend}: {after:?}");
         assert!(!server.log_contains("panicked"), "{}", server.log_tail());
     }

@@ -92,6 +92,7 @@ fn scoring() {
         answer: "48213".into(),
         distractors: vec!["55555".into()],
         max_tokens: 8,
+        mode: PromptMode::Chat,
     };
     assert!(score(&case, "The code is 48213."));
     assert!(
@@ -132,5 +133,134 @@ fn variants_parse() {
         2048
     );
     assert!(Variant::parse("omnikv@0").is_err());
-    assert!(Variant::parse("h2o@0.1").is_err());
+    assert!(Variant::parse("snapkv@0.1").is_err());
+    // Baselines: their own budget key, no OmniKV base config.
+    let h2o = Variant::parse("h2o@0.1:heavy_ratio=0.25").unwrap();
+    assert_eq!((h2o.backend(), h2o.budget()), ("h2o", Some(0.1)));
+    assert_eq!(h2o.label(), "h2o@0.1:heavy_ratio=0.25");
+    assert_eq!(
+        h2o.config(&serde_json::json!({"do_select_layers": "2,8,18"}))
+            .unwrap(),
+        serde_json::json!({"budget": 0.1, "heavy_ratio": 0.25})
+    );
+    assert_eq!(
+        Variant::parse("streaming@64")
+            .unwrap()
+            .config(&serde_json::json!({}))
+            .unwrap(),
+        serde_json::json!({"budget": 64})
+    );
+}
+
+#[test]
+fn prompt_modes() {
+    let base = two_stage_cases(&[20], 1).remove(0);
+    assert_eq!(
+        PromptMode::Chat.apply(&base).id,
+        base.id,
+        "chat keeps the cached ids"
+    );
+    let cot = PromptMode::Cot.apply(&base);
+    assert_eq!(cot.id, format!("{}~cot", base.id));
+    assert!(cot.prompt.ends_with(COT_INSTRUCTION) && cot.max_tokens >= 200);
+    let plain = PromptMode::Plain.apply(&base);
+    assert!(plain.id.ends_with("~plain") && plain.prompt.ends_with("Answer:"));
+    // The config keys choose the mode; `cot` needs the chat template.
+    for (cfg, want) in [
+        (serde_json::json!({}), Some(PromptMode::Chat)),
+        (
+            serde_json::json!({"use_chat_template": false}),
+            Some(PromptMode::Plain),
+        ),
+        (
+            serde_json::json!({"use_chat_template": true, "cot": true}),
+            Some(PromptMode::Cot),
+        ),
+        (
+            serde_json::json!({"use_chat_template": false, "cot": true}),
+            None,
+        ),
+        (serde_json::json!({"cot": "yes"}), None),
+    ] {
+        assert_eq!(PromptMode::from_config(&cfg).ok(), want, "{cfg}");
+    }
+    // Chain-of-thought answers are read from the final `Answer:` line, so
+    // colours named while reasoning do not count as distractors.
+    let case = Case {
+        answer: "teal".into(),
+        distractors: vec!["red".into()],
+        ..cot
+    };
+    assert!(score(
+        &case,
+        "Key 7 is red? No: 3 + 4 = 7, and 7 maps to teal.\nAnswer: teal"
+    ));
+    assert!(!score(&case, "7 maps to teal.\nAnswer: red"));
+    assert!(
+        score(&case, "3 + 4 = 7\nteal"),
+        "no Answer line: the last line"
+    );
+    assert!(
+        !score(&case, "Answer: teal\nAnswer: red"),
+        "the last Answer line counts"
+    );
+}
+
+#[test]
+fn benchmark_files_become_cases() {
+    let samples = integration_tests::root().join("integration-tests/samples");
+    let gguf = integration_tests::model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tok = integration_tests::bench_format::gguf_tokenizer(&gguf).unwrap();
+    let (cases, by_id) = bench_cases(
+        &[
+            samples.join("longbench"),
+            samples.join("infinitebench/passkey.jsonl"),
+        ],
+        None,
+        &tok,
+        100,
+    )
+    .unwrap();
+    assert_eq!(cases.len(), by_id.len());
+    assert!(cases
+        .iter()
+        .all(|c| c.suite == Suite::Bench && by_id.contains_key(&c.id)));
+    // Format from the path, task from the file, one case-length index per task.
+    assert!(cases
+        .iter()
+        .any(|c| c.id.starts_with("longbench/hotpotqa/")));
+    let passkey: Vec<&Case> = cases
+        .iter()
+        .filter(|c| c.id.starts_with("infinitebench/passkey/"))
+        .collect();
+    assert_eq!(passkey.len(), 1);
+    assert!(cases
+        .iter()
+        .filter(|c| c.length == passkey[0].length)
+        .all(|c| c.id.starts_with("infinitebench/passkey/")));
+    // Middle truncation to 100 tokens keeps both ends of a longer prompt.
+    for c in &cases {
+        let n = integration_tests::bench_format::count_tokens(&tok, &c.prompt).unwrap();
+        assert!(n <= 100, "{}: {n} tokens", c.id);
+        let full = &by_id[&c.id].prompt;
+        let head: String = full.chars().take(20).collect();
+        let tail: String = full
+            .chars()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        assert!(
+            c.prompt.starts_with(&head) && c.prompt.ends_with(&tail),
+            "{}",
+            c.id
+        );
+    }
+    // Chain-of-thought ids and the scoring sample stay paired.
+    let cot = PromptMode::Cot.apply(&cases[0]);
+    assert_eq!(cot.id, PromptMode::Cot.apply_id(&cases[0].id));
+    let missing = bench_cases(&[samples.join("nope.jsonl")], None, &tok, 100).unwrap_err();
+    assert!(missing.to_string().contains("does not exist"), "{missing}");
 }

@@ -145,6 +145,7 @@ fn prompts(file: &Option<PathBuf>, lengths: &[usize], depths: &[u32]) -> Result<
                 answer: String::new(),
                 distractors: vec![],
                 max_tokens: 0,
+                mode: integration_tests::eval::PromptMode::Chat,
             })
             .collect());
     }

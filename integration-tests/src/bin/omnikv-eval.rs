@@ -30,6 +30,11 @@ struct Args {
     two_stage_sizes: Vec<usize>,
     two_stage_per_size: usize,
     two_needle_lengths: Vec<usize>,
+    /// Prompt modes for 2stage (and benchmark files); `None`: from the config.
+    modes: Option<Vec<PromptMode>>,
+    bench_files: Vec<PathBuf>,
+    bench_format: Option<integration_tests::bench_format::Format>,
+    max_context_len: usize,
     out: PathBuf,
     cache: PathBuf,
     fresh: bool,
@@ -43,12 +48,20 @@ const USAGE: &str = "usage: omnikv-eval [options]
                           the stock cache, prefills long prompts ~17x slower)
   --reference LABEL       the variant others are compared with (default: the first)
   --config FILE           base OmniKV config (default: configs/smollm2-135m.json)
-  --suites LIST           needle,2stage,2needle (default: all)
+  --suites LIST           needle,2stage,2needle,bench (default: needle,2stage,2needle;
+                          bench needs --bench-files)
   --needle-lengths LIST   prompt lengths in tokens (default: 1000,3500,7000)
   --depths LIST           needle depths in percent (default: 0,25,50,75,100)
   --two-stage-sizes LIST  dictionary sizes (default: 250)
   --two-stage-per-size N  cases per size (default: 4)
   --two-needle-lengths L  (default: 2000,5000)
+  --prompt-modes LIST     plain,chat,cot: how 2stage prompts are sent (default: from the
+                          config's `use_chat_template` and `cot` keys; chat when unset);
+                          needle suites always use chat
+  --bench-files LIST      LongBench / InfiniteBench JSONL files or directories of them
+                          (published field names; see integration-tests/samples/)
+  --bench-format F        longbench | infinitebench (default: from the path)
+  --max-context-len N     middle-truncate benchmark prompts to N tokens (default 7000)
   --out FILE              Markdown report (default: results/fidelity.md)
   --cache FILE            answer cache (default: results/cache/fidelity.jsonl)
   --title TEXT            report title
@@ -76,6 +89,10 @@ fn parse_args() -> Result<Args> {
         two_stage_sizes: vec![250],
         two_stage_per_size: 4,
         two_needle_lengths: vec![2000, 5000],
+        modes: None,
+        bench_files: vec![],
+        bench_format: None,
+        max_context_len: 7000,
         out: root().join("results/fidelity.md"),
         cache: root().join("results/cache/fidelity.jsonl"),
         fresh: false,
@@ -105,6 +122,23 @@ fn parse_args() -> Result<Args> {
             "--two-stage-sizes" => a.two_stage_sizes = list(&val, "--two-stage-sizes")?,
             "--two-stage-per-size" => a.two_stage_per_size = val.parse()?,
             "--two-needle-lengths" => a.two_needle_lengths = list(&val, "--two-needle-lengths")?,
+            "--bench-files" => {
+                a.bench_files = val
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            }
+            "--bench-format" => a.bench_format = Some(val.parse()?),
+            "--max-context-len" => a.max_context_len = val.parse()?,
+            "--prompt-modes" => {
+                a.modes = Some(
+                    val.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(PromptMode::parse)
+                        .collect::<Result<_>>()?,
+                )
+            }
             "--out" => a.out = PathBuf::from(val),
             "--cache" => a.cache = PathBuf::from(val),
             "--title" => a.title = val,
@@ -120,8 +154,11 @@ fn parse_args() -> Result<Args> {
         bail!("--variants is empty\n{USAGE}");
     }
     for s in &a.suites {
-        if !["needle", "2stage", "2needle"].contains(&s.as_str()) {
-            bail!("unknown suite `{s}`: expected needle, 2stage or 2needle");
+        if !["needle", "2stage", "2needle", "bench"].contains(&s.as_str()) {
+            bail!("unknown suite `{s}`: expected needle, 2stage, 2needle or bench");
+        }
+        if s == "bench" && a.bench_files.is_empty() {
+            bail!("the bench suite needs --bench-files FILE[,FILE...]\n{USAGE}");
         }
     }
     Ok(a)
@@ -136,7 +173,12 @@ fn main() -> Result<()> {
     .with_context(|| format!("`{}` is not JSON", args.config.display()))?;
 
     let mut cases = Vec::new();
-    let need_haystack = args.suites.iter().any(|s| s != "2stage");
+    let need_haystack = args.suites.iter().any(|s| s == "needle" || s == "2needle");
+    let modes = match &args.modes {
+        Some(m) => m.clone(),
+        None => vec![PromptMode::from_config(&base)?],
+    };
+    let mut samples = BTreeMap::new();
     let haystack = if need_haystack {
         load_haystack(&haystack_dir())?
     } else {
@@ -145,10 +187,29 @@ fn main() -> Result<()> {
     for s in &args.suites {
         match s.as_str() {
             "needle" => cases.extend(needle_cases(&haystack, &args.needle_lengths, &args.depths)),
-            "2stage" => cases.extend(two_stage_cases(
-                &args.two_stage_sizes,
-                args.two_stage_per_size,
-            )),
+            "2stage" => {
+                for c in two_stage_cases(&args.two_stage_sizes, args.two_stage_per_size) {
+                    cases.extend(modes.iter().map(|m| m.apply(&c)));
+                }
+            }
+            "bench" => {
+                let gguf = integration_tests::model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+                let tok = integration_tests::bench_format::gguf_tokenizer(&gguf)?;
+                let (bench, s) = bench_cases(
+                    &args.bench_files,
+                    args.bench_format,
+                    &tok,
+                    args.max_context_len,
+                )?;
+                for c in bench {
+                    cases.extend(modes.iter().map(|m| m.apply(&c)));
+                }
+                for m in &modes {
+                    for (id, sample) in &s {
+                        samples.insert(m.apply_id(id), sample.clone());
+                    }
+                }
+            }
             _ => cases.extend(two_needle_cases(
                 &haystack,
                 &args.two_needle_lengths,
@@ -202,17 +263,23 @@ fn main() -> Result<()> {
                 bar.set_message(c.id.clone());
                 let t = Instant::now();
                 let got = server
-                    .chat(&c.prompt, c.max_tokens)
+                    .ask(c)
                     .with_context(|| format!("{label} on {}:\n{}", c.id, server.log_tail()))?;
+                let metric = samples.get(&c.id).map(|s| {
+                    integration_tests::bench_format::score_sample(s, answer_part(c.mode, &got.text))
+                });
                 let o = Outcome {
                     variant: label.clone(),
                     case: c.id.clone(),
                     key: key_of(c),
                     prompt_tokens: got.prompt_tokens,
-                    correct: score(c, &got.text),
+                    correct: metric.map_or_else(|| score(c, &got.text), |m| m >= 0.5),
                     output: got.text,
                     prompt_time_sec: got.prompt_time_sec,
                     total_time_sec: t.elapsed().as_secs_f64(),
+                    completion_tokens: got.completion_tokens,
+                    completion_time_sec: got.completion_time_sec,
+                    score: metric,
                 };
                 append_cache(&args.cache, &o)?;
                 cache.insert((label.clone(), c.id.clone()), o);
@@ -245,10 +312,11 @@ fn main() -> Result<()> {
         &format!("target/debug/omnikv-eval {}", cmd.join(" ")),
         &args.config,
     );
-    println!("{report}");
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    let report = report + &render_plots_and_speed(&args.out, &cases, &args.variants, &results)?;
+    println!("{report}");
     std::fs::write(&args.out, &report)?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
@@ -272,9 +340,12 @@ fn render_report(
     config: &std::path::Path,
 ) -> String {
     let get = |label: &str, id: &str| results.get(label).and_then(|m| m.get(id));
-    let mut buckets: BTreeMap<(Suite, usize), Vec<&Case>> = BTreeMap::new();
+    let mut buckets: BTreeMap<(Suite, usize, PromptMode), Vec<&Case>> = BTreeMap::new();
     for c in cases {
-        buckets.entry((c.suite, c.length)).or_default().push(c);
+        buckets
+            .entry((c.suite, c.length, c.mode))
+            .or_default()
+            .push(c);
     }
     let mut md = String::new();
     md.push_str(&format!("# {title}\n\n"));
@@ -288,9 +359,9 @@ fn render_report(
         .display()
         .to_string();
     md.push_str(&format!(
-        "Command: `{command}` (base OmniKV config `{config_name}`; each `omnikv@B` variant sets `num_of_selected_tokens` to B).\n\n"
+        "Command: `{command}` (base OmniKV config `{config_name}`; each `omnikv@B` variant sets `num_of_selected_tokens` to B, each `h2o@B` / `streaming@B` the baseline's `budget` to B).\n\n"
     ));
-    md.push_str("## Accuracy\n\n| suite | prompt tokens (mean) | cases |");
+    md.push_str("## Accuracy\n\nPass/fail suites: correct of run. Benchmark-format tasks: the published metric's mean x 100.\n\n| suite | prompt tokens (mean) | cases |");
     for l in labels {
         md.push_str(&format!(" {l} |"));
     }
@@ -298,7 +369,7 @@ fn render_report(
     md.push_str(&"---|".repeat(labels.len()));
     md.push('\n');
     let mut totals = vec![(0usize, 0usize); labels.len()];
-    for ((suite, len), cs) in &buckets {
+    for ((suite, len, mode), cs) in &buckets {
         let toks: Vec<usize> = cs
             .iter()
             .filter_map(|c| get(reference, &c.id).map(|o| o.prompt_tokens))
@@ -308,22 +379,41 @@ fn render_report(
         } else {
             toks.iter().sum::<usize>() / toks.len()
         };
-        let size = if *suite == Suite::TwoStage {
-            format!("{} ({len} entries)", suite.name())
-        } else {
-            format!("{} ~{len}", suite.name())
+        let mut size = match suite {
+            Suite::TwoStage => format!("{} ({len} entries)", suite.name()),
+            // `format/task/id`: the task.
+            Suite::Bench => cs[0]
+                .id
+                .rsplitn(2, '/')
+                .nth(1)
+                .unwrap_or("bench")
+                .to_string(),
+            _ => format!("{} ~{len}", suite.name()),
         };
+        if *mode != PromptMode::Chat {
+            size.push_str(&format!(", {}", mode.name()));
+        }
         md.push_str(&format!("| {size} | {mean} | {} |", cs.len()));
         for (i, l) in labels.iter().enumerate() {
             let done: Vec<&Outcome> = cs.iter().filter_map(|c| get(l, &c.id)).collect();
             let k = done.iter().filter(|o| o.correct).count();
             totals[i].0 += k;
             totals[i].1 += done.len();
-            md.push_str(&format!(" {} |", pct(k, done.len())));
+            if *suite == Suite::Bench {
+                let mean = done.iter().map(|o| o.value()).sum::<f64>() / done.len().max(1) as f64;
+                let cell = if done.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.1}", 100.0 * mean)
+                };
+                md.push_str(&format!(" {cell} |"));
+            } else {
+                md.push_str(&format!(" {} |", pct(k, done.len())));
+            }
         }
         md.push('\n');
     }
-    md.push_str("| **all** | | |");
+    md.push_str("| **all** (benchmark cases count as correct at a score of 0.5 or more) | | |");
     for (k, n) in &totals {
         md.push_str(&format!(" **{}** |", pct(*k, *n)));
     }
@@ -381,4 +471,158 @@ fn render_report(
     }
     md.push_str("\nAnswers (first 100 characters) are in the cache file next to the command's output; cases are generated deterministically by `integration_tests::eval`.\n");
     md
+}
+
+/// Series label of a variant in the budget plot: the label without its
+/// budget (`h2o@0.1:heavy_ratio=0.25` -> `h2o:heavy_ratio=0.25`).
+fn method_of(v: &Variant) -> String {
+    let label = v.label();
+    match label.split_once('@') {
+        None => label,
+        Some((name, rest)) => match rest.split_once(':') {
+            Some((_, extra)) => format!("{name}:{extra}"),
+            None => name.to_string(),
+        },
+    }
+}
+
+/// Accuracy-vs-budget plot, needle heatmaps (SVG files next to `out`) and
+/// the decode-speed table; returns the Markdown that shows them.
+fn render_plots_and_speed(
+    out: &std::path::Path,
+    cases: &[Case],
+    variants: &[Variant],
+    results: &BTreeMap<String, BTreeMap<String, Outcome>>,
+) -> Result<String> {
+    use integration_tests::plot::{heatmaps, line_chart, Series};
+    let mut md = String::new();
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("report");
+    let dir = out.parent().unwrap_or(std::path::Path::new("."));
+    let mean = |label: &str, cs: &[&Case]| -> Option<f64> {
+        let vals: Vec<f64> = cs
+            .iter()
+            .filter_map(|c| results.get(label)?.get(&c.id).map(Outcome::value))
+            .collect();
+        (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
+    };
+    // Task groups: suite (and prompt mode) across lengths.
+    let mut groups: BTreeMap<String, Vec<&Case>> = BTreeMap::new();
+    for c in cases {
+        let name = match c.mode {
+            PromptMode::Chat => c.suite.name().to_string(),
+            m => format!("{} ({})", c.suite.name(), m.name()),
+        };
+        groups.entry(name).or_default().push(c);
+    }
+    let mut budgets: Vec<f64> = variants.iter().filter_map(Variant::budget).collect();
+    budgets.sort_by(f64::total_cmp);
+    budgets.dedup();
+    if budgets.len() >= 2 {
+        let mut panels = Vec::new();
+        for (name, cs) in &groups {
+            let mut series: BTreeMap<String, Series> = BTreeMap::new();
+            for v in variants {
+                let Some(acc) = mean(&v.label(), cs) else {
+                    continue;
+                };
+                let m = method_of(v);
+                let s = series.entry(m.clone()).or_insert_with(|| Series {
+                    label: m,
+                    points: vec![],
+                    reference: v.budget().is_none(),
+                });
+                s.points.push((v.budget().unwrap_or(0.0), 100.0 * acc));
+            }
+            for s in series.values_mut() {
+                s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            }
+            panels.push((
+                format!("{name} ({} cases)", cs.len()),
+                series.into_values().collect(),
+            ));
+        }
+        let svg = line_chart(
+            "Accuracy vs KV budget (dashed: the stock cache, full attention)",
+            &panels,
+            "budget (fraction of the prompt)",
+            &budgets,
+            "accuracy (%)",
+            (0.0, 100.0),
+        );
+        let file = format!("{stem}-budget.svg");
+        std::fs::write(dir.join(&file), svg)?;
+        md.push_str(&format!(
+            "\n## Accuracy vs budget\n\n![accuracy vs budget]({file})\n"
+        ));
+    }
+    let needle: Vec<&Case> = cases.iter().filter(|c| c.suite == Suite::Needle).collect();
+    if !needle.is_empty() {
+        let mut lengths: Vec<usize> = needle.iter().map(|c| c.length).collect();
+        lengths.sort();
+        lengths.dedup();
+        let mut depths: Vec<u32> = needle.iter().filter_map(|c| c.depth).collect();
+        depths.sort();
+        depths.dedup();
+        let grids: Vec<(String, Vec<Vec<Option<f64>>>)> = variants
+            .iter()
+            .map(|v| {
+                let label = v.label();
+                let cells = depths
+                    .iter()
+                    .map(|&d| {
+                        lengths
+                            .iter()
+                            .map(|&l| {
+                                let cs: Vec<&Case> = needle
+                                    .iter()
+                                    .copied()
+                                    .filter(|c| c.length == l && c.depth == Some(d))
+                                    .collect();
+                                mean(&label, &cs)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                (label, cells)
+            })
+            .collect();
+        let svg = heatmaps(
+            "Needle in a haystack: accuracy (%) by depth and length",
+            &grids,
+            &depths
+                .iter()
+                .map(|d| format!("depth {d}%"))
+                .collect::<Vec<_>>(),
+            &lengths.iter().map(|l| format!("~{l}")).collect::<Vec<_>>(),
+            "needle depth",
+            "prompt length (tokens)",
+        );
+        let file = format!("{stem}-needle.svg");
+        std::fs::write(dir.join(&file), svg)?;
+        md.push_str(&format!(
+            "\n## Needle in a haystack, depth x length\n\n![needle heatmaps]({file})\n"
+        ));
+    }
+    md.push_str("\n## Speed per variant\n\nMedians over the cases each variant ran; decode speed is the server's `completion_tokens / total_completion_time_sec` (cases with at least two generated tokens), prompt time its `total_prompt_time_sec`. One request at a time.\n\n| variant | cases | median prompt tokens | median prompt time (s) | median decode tokens/s |\n|---|---|---|---|---|\n");
+    for v in variants {
+        let label = v.label();
+        let Some(done) = results.get(&label) else {
+            continue;
+        };
+        let mut toks: Vec<f64> = done.values().map(|o| o.prompt_tokens as f64).collect();
+        let mut pt: Vec<f64> = done.values().map(|o| o.prompt_time_sec).collect();
+        let mut ds: Vec<f64> = done.values().filter_map(Outcome::decode_tok_s).collect();
+        let speed = if ds.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", median(&mut ds))
+        };
+        md.push_str(&format!(
+            "| {label} | {} | {:.0} | {:.1} | {speed} |\n",
+            done.len(),
+            median(&mut toks),
+            median(&mut pt)
+        ));
+    }
+    Ok(md)
 }
