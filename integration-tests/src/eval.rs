@@ -351,7 +351,7 @@ pub enum Variant {
 }
 
 /// The token-dropping baselines a variant can name.
-pub const BASELINES: [&str; 2] = ["h2o", "streaming"];
+pub const BASELINES: [&str; 3] = ["h2o", "streaming", "snapkv"];
 
 fn label_with(name: &str, budget: f64, extra: &serde_json::Map<String, Value>) -> String {
     if extra.is_empty() {
@@ -372,7 +372,8 @@ fn label_with(name: &str, budget: f64, extra: &serde_json::Map<String, Value>) -
 
 impl Variant {
     /// `default`, `omnikv@0.1`, `omnikv@0.1:key=value+key=value` (values
-    /// are JSON, bare words are strings), `h2o@0.1`, `streaming@0.1[:...]`.
+    /// are JSON, bare words are strings), `h2o@0.1`, `streaming@0.1[:...]`,
+    /// `snapkv@0.1[:...]`.
     pub fn parse(spec: &str) -> Result<Self> {
         if spec == "default" {
             return Ok(Variant::Default);
@@ -382,7 +383,7 @@ impl Variant {
             .filter(|(n, _)| *n == "omnikv" || BASELINES.contains(n))
         else {
             bail!(
-                "variant `{spec}`: expected `default` or `<omnikv|h2o|streaming>@<budget>[:key=value+key=value]`"
+                "variant `{spec}`: expected `default` or `<omnikv|h2o|streaming|snapkv>@<budget>[:key=value+key=value]`"
             );
         };
         let (budget, extra_spec) = rest.split_once(':').unwrap_or((rest, ""));

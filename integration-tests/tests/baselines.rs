@@ -1,5 +1,5 @@
-//! The token-dropping baselines through the real server: `--kv-cache h2o`
-//! and `--kv-cache streaming` at a 10% budget hold a fraction of the rows the
+//! The token-dropping baselines through the real server: `--kv-cache h2o`,
+//! `--kv-cache streaming` and `--kv-cache snapkv` at a 10% budget hold a fraction of the rows the
 //! stock cache holds for the same request (their memory accounting, checked
 //! against the request's own token counts), free everything when a request
 //! ends, and still answer short prompts sensibly.
@@ -54,7 +54,7 @@ fn baselines_hold_fewer_rows_and_answer_short_prompts() {
         .clone();
     let dir = std::env::temp_dir().join(format!("omnikv-baselines-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for backend in ["h2o", "streaming"] {
+    for backend in ["h2o", "streaming", "snapkv"] {
         let cfg = dir.join(format!("{backend}.json"));
         std::fs::write(&cfg, r#"{"budget": 0.1}"#).unwrap();
         let server = Server::start(backend, &["--kv-cache-config", cfg.to_str().unwrap()]).unwrap();
@@ -80,7 +80,14 @@ fn baselines_hold_fewer_rows_and_answer_short_prompts() {
         // The stock cache keeps every position in every layer and KV head.
         let stock_rows = positions * LAYERS * KV_HEADS;
         assert_eq!(r.full_rows, stock_rows);
-        let kept = (done.prompt_tokens as u64 / 10).max(32);
+        let kept = match backend {
+            // SnapKV compresses the prompt (window 32 + at least 32 voted
+            // rows) and keeps every generated row.
+            "snapkv" => {
+                (done.prompt_tokens as u64 / 10).max(64) + done.completion_tokens as u64 - 1
+            }
+            _ => (done.prompt_tokens as u64 / 10).max(32),
+        };
         assert_eq!(r.rows, kept * LAYERS * KV_HEADS, "{backend}: {r:?}");
         assert!(
             r.rows * 5 < stock_rows,

@@ -133,7 +133,7 @@ fn variants_parse() {
         2048
     );
     assert!(Variant::parse("omnikv@0").is_err());
-    assert!(Variant::parse("snapkv@0.1").is_err());
+    assert!(Variant::parse("quest@0.1").is_err());
     // Baselines: their own budget key, no OmniKV base config.
     let h2o = Variant::parse("h2o@0.1:heavy_ratio=0.25").unwrap();
     assert_eq!((h2o.backend(), h2o.budget()), ("h2o", Some(0.1)));

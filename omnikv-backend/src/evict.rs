@@ -14,6 +14,12 @@
 //!   lightest non-recent row is dropped.
 //! - **StreamingLLM** (Xiao et al., ICLR 2024): the first `sink_tokens`
 //!   positions (attention sinks) plus the most recent `C - sink_tokens`.
+//! - **SnapKV** (Li et al., 2024): once, at the end of the prompt, the last
+//!   `window_size` queries (the observation window) vote: each earlier row
+//!   gets the attention they gave it (summed over the group's query heads),
+//!   average-pooled over `kernel_size` neighbouring positions; the top
+//!   `C - window_size` rows plus the window are kept. Decoding appends
+//!   without evicting, as published.
 //!
 //! Rows live in a per-sequence store owned by the backend (keyed by the host's
 //! sequence ids, released in `sequence_finished`), not in the model's cache,
@@ -25,7 +31,8 @@
 //! Prompt passes attend densely over the whole prompt (both published methods
 //! prefill with full attention) and the eviction happens when the prompt is
 //! complete. Prompts of fewer than `min_prompt_len` tokens are not evicted
-//! from, and the budget never goes below `min_tokens` rows.
+//! from, and the budget never goes below `min_tokens` rows (for SnapKV:
+//! `min_tokens` voted rows besides the window).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,6 +51,7 @@ use crate::store::Bytes;
 /// Names the baselines are registered under.
 pub const H2O_NAME: &str = "h2o";
 pub const STREAMING_NAME: &str = "streaming";
+pub const SNAPKV_NAME: &str = "snapkv";
 
 /// Which rows a sequence keeps.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,6 +61,9 @@ pub enum EvictionPolicy {
     H2o { heavy_ratio: f64 },
     /// `sink_tokens` first positions plus a recent window.
     Streaming { sink_tokens: usize },
+    /// Observation-window voting at the end of the prompt, pooled over
+    /// `kernel` positions; no eviction while decoding.
+    SnapKv { window: usize, kernel: usize },
 }
 
 /// Configuration of an eviction backend (`--kv-cache-config` JSON).
@@ -82,6 +93,15 @@ impl EvictionConfig {
                 "max_context_len",
                 "prefill",
             ],
+            SNAPKV_NAME => &[
+                "budget",
+                "window_size",
+                "kernel_size",
+                "min_tokens",
+                "min_prompt_len",
+                "max_context_len",
+                "prefill",
+            ],
             _ => &[
                 "budget",
                 "sink_tokens",
@@ -94,14 +114,19 @@ impl EvictionConfig {
     }
 
     /// Defaults: budget 0.1 of the prompt, `heavy_ratio` 0.5 (H2O's equal
-    /// heavy and recent shares), 4 sink tokens (StreamingLLM's), at least 32
-    /// rows, every prompt evicted from, `max_context_len` 128,500.
+    /// heavy and recent shares), 4 sink tokens (StreamingLLM's), SnapKV's
+    /// window of 32 and pooling kernel of 5, at least 32 rows, every prompt
+    /// evicted from, `max_context_len` 128,500.
     pub fn defaults(name: &str) -> anyhow::Result<Self> {
         let policy = match name {
             H2O_NAME => EvictionPolicy::H2o { heavy_ratio: 0.5 },
             STREAMING_NAME => EvictionPolicy::Streaming { sink_tokens: 4 },
+            SNAPKV_NAME => EvictionPolicy::SnapKv {
+                window: 32,
+                kernel: 5,
+            },
             other => anyhow::bail!(
-                "`{other}` is not an eviction backend; expected `{H2O_NAME}` or `{STREAMING_NAME}`"
+                "`{other}` is not an eviction backend; expected `{H2O_NAME}`, `{STREAMING_NAME}` or `{SNAPKV_NAME}`"
             ),
         };
         Ok(Self {
@@ -163,6 +188,22 @@ impl EvictionConfig {
                         cfg.policy = EvictionPolicy::Streaming { sink_tokens: n }
                     }
                 }
+                "window_size" => match (uint(key, v, &mut e), cfg.policy) {
+                    (Some(0), _) => e.push("`window_size` = 0: expected at least 1 query".into()),
+                    (Some(w), EvictionPolicy::SnapKv { kernel, .. }) => {
+                        cfg.policy = EvictionPolicy::SnapKv { window: w, kernel }
+                    }
+                    _ => {}
+                },
+                "kernel_size" => match (uint(key, v, &mut e), cfg.policy) {
+                    (Some(k), EvictionPolicy::SnapKv { window, .. }) if k % 2 == 1 => {
+                        cfg.policy = EvictionPolicy::SnapKv { window, kernel: k }
+                    }
+                    (Some(k), _) => e.push(format!(
+                        "`kernel_size` = {k}: expected an odd pooling width >= 1"
+                    )),
+                    _ => {}
+                },
                 "min_tokens" => match uint(key, v, &mut e) {
                     Some(0) => e.push("`min_tokens` = 0: expected at least 1 row".into()),
                     Some(n) => cfg.min_tokens = n,
@@ -213,6 +254,8 @@ impl EvictionConfig {
         let floor = match self.policy {
             // Room for the sinks and at least one recent row.
             EvictionPolicy::Streaming { sink_tokens } => self.min_tokens.max(sink_tokens + 1),
+            // The window and at least `min_tokens` voted rows.
+            EvictionPolicy::SnapKv { window, .. } => window + self.min_tokens,
             EvictionPolicy::H2o { .. } => self.min_tokens,
         };
         Some(k.max(floor))
@@ -236,6 +279,15 @@ impl HeadRows {
     }
 
     fn push(&mut self, pos: u32, k: &[f32], v: &[f32]) {
+        if self.pos.len() == self.pos.capacity() {
+            // Grow by an eighth (at least 16 rows), not double: the rows are
+            // what the backend reports and the memory it holds.
+            let more = (self.pos.len() / 8).max(16);
+            self.pos.reserve_exact(more);
+            self.mass.reserve_exact(more);
+            self.k.reserve_exact(more * k.len());
+            self.v.reserve_exact(more * v.len());
+        }
         self.pos.push(pos);
         self.mass.push(0.0);
         self.k.extend_from_slice(k);
@@ -319,8 +371,38 @@ pub fn rows_to_keep(
             older.extend_from_slice(newest);
             older
         }
+        EvictionPolicy::SnapKv { window, kernel } => {
+            let window = window.min(capacity);
+            let (older, newest) = by_pos.split_at(n - window);
+            let pooled = avg_pool(&older.iter().map(|&r| mass[r]).collect::<Vec<_>>(), kernel);
+            let voted = capacity - window;
+            let mut idx: Vec<usize> = (0..older.len()).collect();
+            if voted < idx.len() {
+                idx.select_nth_unstable_by(voted, |&a, &b| {
+                    pooled[b].total_cmp(&pooled[a]).then(a.cmp(&b))
+                });
+                idx.truncate(voted);
+            }
+            idx.sort_unstable();
+            let mut keep: Vec<usize> = idx.iter().map(|&i| older[i]).collect();
+            keep.extend_from_slice(newest);
+            keep
+        }
     };
     Some(keep)
+}
+
+/// `avg_pool1d(x, kernel, stride 1, padding kernel / 2)` with zero padding
+/// counted in the average (PyTorch's default), as SnapKV pools its votes.
+pub fn avg_pool(x: &[f32], kernel: usize) -> Vec<f32> {
+    let half = kernel / 2;
+    (0..x.len())
+        .map(|i| {
+            let lo = i.saturating_sub(half);
+            let hi = (i + half + 1).min(x.len());
+            x[lo..hi].iter().sum::<f32>() / kernel as f32
+        })
+        .collect()
 }
 
 /// One layer of one sequence: a row set per KV head.
@@ -396,6 +478,7 @@ impl EvictingBackend {
         let name = match config.policy {
             EvictionPolicy::H2o { .. } => H2O_NAME,
             EvictionPolicy::Streaming { .. } => STREAMING_NAME,
+            EvictionPolicy::SnapKv { .. } => SNAPKV_NAME,
         };
         Self {
             name,
@@ -420,6 +503,15 @@ impl EvictingBackend {
         matches!(self.config.policy, EvictionPolicy::H2o { .. })
     }
 
+    /// Rows a head may hold while decoding (SnapKV compresses the prompt
+    /// only and then lets the cache grow).
+    fn decode_capacity(&self, prompt_len: usize) -> usize {
+        match self.config.policy {
+            EvictionPolicy::SnapKv { .. } => usize::MAX,
+            _ => self.config.capacity(prompt_len).unwrap_or(usize::MAX),
+        }
+    }
+
     /// A prompt pass of sequence `seq` at `offset` for `layer`: attend densely
     /// over the stored rows and the new ones, add the attention mass (H2O),
     /// store the new rows and, once the prompt is complete, evict.
@@ -436,6 +528,7 @@ impl EvictingBackend {
     ) -> Result<Tensor> {
         // q (1, h, s, d); k, v (1, kv_h, s, d)
         let (_, _h, n_new, d) = q.dims4()?;
+        let prompt_len = s.prompt_len;
         let kv_h = k.dim(1)?;
         let rows = &mut s.layers[layer];
         if rows.heads.is_empty() {
@@ -464,10 +557,18 @@ impl EvictingBackend {
         } else {
             streaming_attention(q, &k_all, &v_all, scale)?
         };
-        let mass = if self.is_h2o() {
-            Some(causal_attention_mass(&q.get(0)?, &k_all.get(0)?, scale)?)
-        } else {
-            None
+        let mass = match self.config.policy {
+            EvictionPolicy::H2o { .. } => {
+                Some(causal_attention_mass(&q.get(0)?, &k_all.get(0)?, scale)?)
+            }
+            // The observation window: the prompt's last queries (those of
+            // this pass when the prompt ends in it).
+            EvictionPolicy::SnapKv { window, .. } if offset + n_new >= prompt_len => {
+                let w = window.min(n_new);
+                let qw = q.get(0)?.narrow(1, n_new - w, w)?;
+                Some(causal_attention_mass(&qw, &k_all.get(0)?, scale)?)
+            }
+            _ => None,
         };
         let kf = k.get(0)?.to_dtype(DType::F32)?.contiguous()?;
         let vf = v.get(0)?.to_dtype(DType::F32)?.contiguous()?;
@@ -823,11 +924,11 @@ impl KvCacheBackend for EvictingBackend {
                             }
                         }
                     }
-                    s.capacity = Some(cap.unwrap_or(usize::MAX));
+                    s.capacity = Some(self.decode_capacity(p));
                 }
             } else {
                 if s.capacity.is_none() {
-                    s.capacity = Some(self.config.capacity(p).unwrap_or(usize::MAX));
+                    s.capacity = Some(self.decode_capacity(p));
                 }
                 outs.push(self.decode_pass(s, layer, offset, &q, &k, &v, scale)?);
             }
@@ -845,6 +946,9 @@ impl fmt::Display for EvictionPolicy {
             EvictionPolicy::H2o { heavy_ratio } => write!(f, "H2O, heavy ratio {heavy_ratio}"),
             EvictionPolicy::Streaming { sink_tokens } => {
                 write!(f, "StreamingLLM, {sink_tokens} sink tokens")
+            }
+            EvictionPolicy::SnapKv { window, kernel } => {
+                write!(f, "SnapKV, window {window}, pooling kernel {kernel}")
             }
         }
     }

@@ -2,7 +2,7 @@
 //! LLMs") as a KV-cache backend for mistral.rs.
 //!
 //! [`register`] adds the `omnikv` KV-cache backend, the token-dropping
-//! baselines `h2o` and `streaming` ([`evict`]) and the `llama_omnikv`
+//! baselines `h2o`, `streaming` and `snapkv` ([`evict`]) and the `llama_omnikv`
 //! architecture to the host's registries; the patched `mistralrs` CLI calls it
 //! at start-up, after which `--kv-cache omnikv --kv-cache-config <file.json>`
 //! selects them.
@@ -26,7 +26,7 @@ use mistralrs_core::kv_backend::{
 
 pub use backend::{OmniKvBackend, BACKEND_NAME};
 pub use config::{OmniKvConfig, OmniKvConfigFile};
-pub use evict::{EvictingBackend, EvictionConfig, H2O_NAME, STREAMING_NAME};
+pub use evict::{EvictingBackend, EvictionConfig, H2O_NAME, SNAPKV_NAME, STREAMING_NAME};
 pub use model::{LlamaOmniKv, LlamaOmniKvArchitecture, ARCHITECTURE_NAME};
 
 /// Register the `omnikv` backend and the `llama_omnikv` architecture with the
@@ -54,7 +54,7 @@ pub fn register() {
                 Ok(Arc::new(OmniKvBackend::new(config)) as Arc<dyn KvCacheBackend>)
             }),
         );
-        for name in [H2O_NAME, STREAMING_NAME] {
+        for name in [H2O_NAME, STREAMING_NAME, SNAPKV_NAME] {
             register_kv_cache_backend(
                 name,
                 Arc::new(move |config: Option<&serde_json::Value>| {

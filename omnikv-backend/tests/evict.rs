@@ -59,6 +59,30 @@ fn naive_keep(policy: EvictionPolicy, pos: &[u32], mass: &[f32], cap: usize) -> 
             k.extend(older.iter().take(heavy).map(|&r| pos[r]));
             k
         }
+        EvictionPolicy::SnapKv { window, kernel } => {
+            let window = window.min(cap);
+            let older = &by_pos[..pos.len() - window];
+            // avg_pool1d with zero padding, written out.
+            let h = kernel as isize / 2;
+            let pooled: Vec<f32> = (0..older.len() as isize)
+                .map(|i| {
+                    (i - h..=i + h)
+                        .filter(|&j| j >= 0 && (j as usize) < older.len())
+                        .map(|j| mass[older[j as usize]])
+                        .sum::<f32>()
+                        / kernel as f32
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..older.len()).collect();
+            order.sort_by(|&a, &b| pooled[b].partial_cmp(&pooled[a]).unwrap().then(a.cmp(&b)));
+            let mut k: Vec<u32> = order
+                .iter()
+                .take(cap - window)
+                .map(|&i| pos[older[i]])
+                .collect();
+            k.extend(by_pos.iter().rev().take(window).map(|&r| pos[r]));
+            k
+        }
     };
     kept.sort();
     kept
@@ -74,6 +98,18 @@ fn keep_rule_matches_a_full_sort() {
         EvictionPolicy::H2o { heavy_ratio: 0.0 },
         EvictionPolicy::H2o { heavy_ratio: 1.0 },
         EvictionPolicy::H2o { heavy_ratio: 0.3 },
+        EvictionPolicy::SnapKv {
+            window: 4,
+            kernel: 5,
+        },
+        EvictionPolicy::SnapKv {
+            window: 1,
+            kernel: 1,
+        },
+        EvictionPolicy::SnapKv {
+            window: 8,
+            kernel: 3,
+        },
     ];
     for trial in 0..400 {
         let n = 1 + (rng.next() % 80) as usize;
@@ -249,16 +285,24 @@ impl KvCacheBackend for Reference {
                     .collect();
                 let max = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = scores.iter().map(|x| (x - max).exp()).sum();
+                let votes = match self.policy {
+                    EvictionPolicy::SnapKv { window, .. } => p < prompt && p + window >= prompt,
+                    _ => true,
+                };
                 for (&r, x) in rows.iter().zip(&scores) {
                     let w = (x - max).exp() / z;
-                    l.mass[kvh][r] += w as f32;
+                    if votes {
+                        l.mass[kvh][r] += w as f32;
+                    }
                     for x in 0..d {
                         out[(hq * s + t) * d + x] += (w * v[(kvh * n + r) * d + x] as f64) as f32;
                     }
                 }
             }
-            // Decode steps evict after every token; the prompt once, at its end.
-            if p + 1 >= prompt {
+            // Decode steps evict after every token (SnapKV: never); the
+            // prompt once, at its end.
+            let snap = matches!(self.policy, EvictionPolicy::SnapKv { .. });
+            if p + 1 == prompt || (p + 1 > prompt && !snap) {
                 self.evict(l);
             }
         }
@@ -351,9 +395,11 @@ fn backends_equal_the_masked_reference_on_the_tiny_model() {
                 cfg["budget"] = cap.into();
                 cfg["min_tokens"] = 2.into();
                 let backend = evicting(name, cfg);
+                // SnapKV's floor: its window plus `min_tokens` voted rows.
+                let eff = backend.config().capacity(prompt).unwrap();
                 let got = decode(&load(Arc::new(backend.clone())), 1, &toks, prompt);
                 let want = decode(
-                    &load(Arc::new(Reference::new(policy, cap))),
+                    &load(Arc::new(Reference::new(policy, eff))),
                     1,
                     &toks,
                     prompt,
@@ -363,10 +409,19 @@ fn backends_equal_the_masked_reference_on_the_tiny_model() {
                     diff < 2e-4,
                     "{name} {policy:?}, cap {cap}, prompt {prompt}: logits differ by {diff}"
                 );
-                // Memory: exactly `cap` rows per layer and KV head remain.
+                // Memory: exactly the capacity per layer and KV head remains
+                // (SnapKV: the compressed prompt plus every generated row).
                 let held = backend.held();
                 assert_eq!(held.len(), 1);
-                assert_eq!(held[0].1.rows, (cap * 2 * 2) as u64, "{name}: rows held");
+                let per_head = match policy {
+                    EvictionPolicy::SnapKv { .. } => eff.min(prompt) + total - prompt,
+                    _ => eff,
+                };
+                assert_eq!(
+                    held[0].1.rows,
+                    (per_head * 2 * 2) as u64,
+                    "{name}: rows held"
+                );
                 assert_eq!(held[0].1.positions, total as u64);
                 assert!(held[0].1.peak_rows >= (prompt * 2) as u64);
                 backend.sequence_finished(1);
@@ -386,7 +441,7 @@ fn nothing_is_evicted_when_the_budget_covers_everything() {
         .unwrap(),
     );
     let want = decode(&load(Arc::new(dense)), 1, &toks, 70);
-    for name in ["h2o", "streaming"] {
+    for name in ["h2o", "streaming", "snapkv"] {
         for cfg in [
             serde_json::json!({"budget": 200}),
             serde_json::json!({"min_prompt_len": 71}),
