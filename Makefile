@@ -49,7 +49,7 @@ eval: build
 ## budgets on needle-in-a-haystack, two-stage retrieval (chat and
 ## chain-of-thought), two needles and the committed LongBench/InfiniteBench
 ## sample files (writes results/ab.md and its plots; resumable).
-AB_ARGS ?= --variants default,omnikv@0.05,omnikv@0.1,omnikv@0.2,h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2 \
+AB_ARGS ?= --variants default,omnikv@0.05,omnikv@0.1,omnikv@0.2,h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2 \
   --suites needle,2stage,2needle,bench --needle-lengths 1000,2000 --depths 0,25,50,75,100 \
   --two-stage-sizes 60 --two-stage-per-size 4 --prompt-modes chat,cot --two-needle-lengths 1000 \
   --bench-files integration-tests/samples/longbench,integration-tests/samples/infinitebench \

@@ -80,7 +80,8 @@ pub fn model_args() -> Vec<String> {
 
 /// A running `mistralrs serve` process, killed on drop.
 pub struct Server {
-    child: Child,
+    /// `None` for a server this process attached to ([`Server::attach`]).
+    child: Option<Child>,
     pub port: u16,
     log: PathBuf,
 }
@@ -116,10 +117,14 @@ impl Server {
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         let child = cmd.spawn().context("spawn mistralrs")?;
-        let mut server = Server { child, port, log };
+        let mut server = Server {
+            child: Some(child),
+            port,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            if let Some(status) = server.child.try_wait()? {
+            if let Some(status) = server.child.as_mut().expect("spawned").try_wait()? {
                 bail!("mistralrs exited early ({status}):\n{}", server.log_tail());
             }
             if let Ok((200, _)) = server.get("/v1/models") {
@@ -129,6 +134,23 @@ impl Server {
                 bail!("mistralrs did not come up in time:\n{}", server.log_tail());
             }
             std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// A server already running on `127.0.0.1:port` (started by someone
+    /// else; left running when dropped). Its log is not available.
+    pub fn attach(port: u16) -> Result<Server> {
+        let server = Server {
+            child: None,
+            port,
+            log: std::env::temp_dir().join(format!("omnikv-attached-{port}.log")),
+        };
+        match server.get("/v1/models") {
+            Ok((200, _)) => Ok(server),
+            Ok((status, body)) => {
+                bail!("127.0.0.1:{port} answered /v1/models with {status}: {body}")
+            }
+            Err(e) => bail!("no server answers on 127.0.0.1:{port}: {e}"),
         }
     }
 
@@ -149,8 +171,12 @@ impl Server {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// The server's process id (panics for an attached server).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child
+            .as_ref()
+            .expect("an attached server has no child process")
+            .id()
     }
 
     /// Resident set size of the server process, in KiB (Linux).
@@ -270,8 +296,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

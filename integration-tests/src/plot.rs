@@ -31,8 +31,12 @@ pub fn line_chart(
 ) -> String {
     let (pw, ph) = (300.0, 220.0);
     let (left, top, gap, bottom) = (55.0, 40.0, 30.0, 95.0);
-    let w = left + panels.len() as f64 * (pw + gap) + 10.0;
-    let h = top + ph + bottom;
+    // Three panels per row; the legend under the last row.
+    let per_row = 3usize;
+    let rows = panels.len().div_ceil(per_row).max(1);
+    let row_h = ph + 60.0;
+    let w = left + per_row.min(panels.len().max(1)) as f64 * (pw + gap) + 10.0;
+    let h = top + rows as f64 * row_h - 60.0 + bottom;
     let (x0, x1) = (
         x_ticks.iter().cloned().fold(f64::MAX, f64::min),
         x_ticks.iter().cloned().fold(f64::MIN, f64::max),
@@ -43,8 +47,10 @@ pub fn line_chart(
         esc(title)
     );
     let mut labels: Vec<String> = Vec::new();
+    let legend_y = top + (rows - 1) as f64 * row_h + ph;
     for (pi, (ptitle, series)) in panels.iter().enumerate() {
-        let ox = left + pi as f64 * (pw + gap);
+        let ox = left + (pi % per_row) as f64 * (pw + gap);
+        let top = top + (pi / per_row) as f64 * row_h;
         let px = |x: f64| ox + (x - x0) / span * pw;
         let py = |y: f64| top + ph - (y - y_range.0) / (y_range.1 - y_range.0) * ph;
         svg.push_str(&format!(
@@ -83,6 +89,9 @@ pub fn line_chart(
                 }
             };
             let c = COLOURS[ci % COLOURS.len()];
+            // Equal series would hide each other: shift each by a pixel or two.
+            let jitter = (ci as f64 - 2.0) * 1.5;
+            let py = |y: f64| py(y) + jitter;
             if s.reference {
                 if let Some(&(_, y)) = s.points.first() {
                     let (x2, yy) = (ox + pw, py(y));
@@ -118,7 +127,7 @@ pub fn line_chart(
     ));
     for (i, l) in labels.iter().enumerate() {
         let x = left + (i % 4) as f64 * 170.0;
-        let y = top + ph + 50.0 + (i / 4) as f64 * 16.0;
+        let y = legend_y + 50.0 + (i / 4) as f64 * 16.0;
         svg.push_str(&format!(
             "<rect x=\"{x}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>\n",
             y - 4.0,

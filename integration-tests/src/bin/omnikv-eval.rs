@@ -35,6 +35,8 @@ struct Args {
     bench_files: Vec<PathBuf>,
     bench_format: Option<integration_tests::bench_format::Format>,
     max_context_len: usize,
+    /// Variants served by servers already running: label -> port.
+    targets: BTreeMap<String, u16>,
     out: PathBuf,
     cache: PathBuf,
     fresh: bool,
@@ -62,6 +64,9 @@ const USAGE: &str = "usage: omnikv-eval [options]
                           (published field names; see integration-tests/samples/)
   --bench-format F        longbench | infinitebench (default: from the path)
   --max-context-len N     middle-truncate benchmark prompts to N tokens (default 7000)
+  --targets LIST          VARIANT=PORT,...: use servers already running on 127.0.0.1:PORT
+                          for these variants (started by you with the matching
+                          --kv-cache and config) instead of starting them
   --out FILE              Markdown report (default: results/fidelity.md)
   --cache FILE            answer cache (default: results/cache/fidelity.jsonl)
   --title TEXT            report title
@@ -93,6 +98,7 @@ fn parse_args() -> Result<Args> {
         bench_files: vec![],
         bench_format: None,
         max_context_len: 7000,
+        targets: BTreeMap::new(),
         out: root().join("results/fidelity.md"),
         cache: root().join("results/cache/fidelity.jsonl"),
         fresh: false,
@@ -131,6 +137,17 @@ fn parse_args() -> Result<Args> {
             }
             "--bench-format" => a.bench_format = Some(val.parse()?),
             "--max-context-len" => a.max_context_len = val.parse()?,
+            "--targets" => {
+                for t in val.split(',').filter(|s| !s.is_empty()) {
+                    let (label, port) = t
+                        .rsplit_once('=')
+                        .with_context(|| format!("--targets: `{t}` is not VARIANT=PORT"))?;
+                    let port = port
+                        .parse()
+                        .with_context(|| format!("--targets: `{port}` is not a port"))?;
+                    a.targets.insert(Variant::parse(label)?.label(), port);
+                }
+            }
             "--prompt-modes" => {
                 a.modes = Some(
                     val.split(',')
@@ -150,6 +167,11 @@ fn parse_args() -> Result<Args> {
         .filter(|s| !s.is_empty())
         .map(Variant::parse)
         .collect::<Result<_>>()?;
+    for label in a.targets.keys() {
+        if !a.variants.iter().any(|v| v.label() == *label) {
+            bail!("--targets names `{label}`, which is not in --variants");
+        }
+    }
     if a.variants.is_empty() {
         bail!("--variants is empty\n{USAGE}");
     }
@@ -257,8 +279,16 @@ fn main() -> Result<()> {
                     cases.len()
                 );
             }
-            bar.set_message("starting server");
-            let server = variant.start(&base, &scratch)?;
+            let server = match args.targets.get(&label) {
+                Some(&port) => {
+                    bar.set_message(format!("using the server on port {port}"));
+                    integration_tests::Server::attach(port)?
+                }
+                None => {
+                    bar.set_message("starting server");
+                    variant.start(&base, &scratch)?
+                }
+            };
             for c in todo {
                 bar.set_message(c.id.clone());
                 let t = Instant::now();
@@ -302,7 +332,17 @@ fn main() -> Result<()> {
     if !labels.contains(&reference) {
         bail!("--reference `{reference}` is not one of the variants {labels:?}");
     }
-    let cmd: Vec<String> = std::env::args().skip(1).collect();
+    // Quote arguments with spaces so the printed command can be pasted.
+    let cmd: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a
+            }
+        })
+        .collect();
     let report = render_report(
         &args.title,
         &cases,
