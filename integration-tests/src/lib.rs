@@ -245,22 +245,28 @@ impl Server {
             "temperature": 0.0,
             "max_tokens": max_tokens,
         });
-        let (status, text) = self.post("/v1/completions", &body)?;
+        self.completion("/v1/completions", &body, "/text")
+    }
+
+    /// POST `body` to `path` and read the first choice's text (at JSON
+    /// pointer `text` below `choices/0`) and the usage figures.
+    fn completion(&self, path: &str, body: &Value, text: &str) -> Result<Completion> {
+        let (status, resp) = self.post(path, body)?;
         if status != 200 {
-            bail!("HTTP {status}: {text}");
+            bail!("HTTP {status}: {resp}");
         }
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("response: {text}"))?;
+        let v: Value = serde_json::from_str(&resp).with_context(|| format!("response: {resp}"))?;
+        let usage = |key: &str| &v["usage"][key];
         Ok(Completion {
-            text: v["choices"][0]["text"]
-                .as_str()
-                .context("no text")?
+            text: v["choices"][0]
+                .pointer(text)
+                .and_then(Value::as_str)
+                .with_context(|| format!("no {text} in the response: {resp}"))?
                 .to_string(),
-            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
-            completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
-            prompt_time_sec: v["usage"]["total_prompt_time_sec"].as_f64().unwrap_or(0.0),
-            completion_time_sec: v["usage"]["total_completion_time_sec"]
-                .as_f64()
-                .unwrap_or(0.0),
+            prompt_tokens: usage("prompt_tokens").as_u64().unwrap_or(0) as usize,
+            completion_tokens: usage("completion_tokens").as_u64().unwrap_or(0) as usize,
+            prompt_time_sec: usage("total_prompt_time_sec").as_f64().unwrap_or(0.0),
+            completion_time_sec: usage("total_completion_time_sec").as_f64().unwrap_or(0.0),
         })
     }
 
@@ -274,23 +280,7 @@ impl Server {
 
     /// A chat completion with a body of the caller's choosing.
     pub fn chat_request(&self, body: &Value) -> Result<Completion> {
-        let (status, text) = self.post("/v1/chat/completions", body)?;
-        if status != 200 {
-            bail!("HTTP {status}: {text}");
-        }
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("response: {text}"))?;
-        Ok(Completion {
-            text: v["choices"][0]["message"]["content"]
-                .as_str()
-                .context("no content")?
-                .to_string(),
-            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
-            completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
-            prompt_time_sec: v["usage"]["total_prompt_time_sec"].as_f64().unwrap_or(0.0),
-            completion_time_sec: v["usage"]["total_completion_time_sec"]
-                .as_f64()
-                .unwrap_or(0.0),
-        })
+        self.completion("/v1/chat/completions", body, "/message/content")
     }
 }
 

@@ -21,7 +21,7 @@ const CASES: &[Case] = &[
         backend: Some("nope"),
         config: None,
         extra: &[],
-        expect: &["unknown KV-cache backend `nope`", "registered backends: default, omnikv"],
+        expect: &["unknown KV-cache backend `nope`", "registered backends: default, h2o, omnikv, snapkv, streaming"],
     },
     Case {
         name: "omnikv without a config",

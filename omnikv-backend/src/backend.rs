@@ -324,20 +324,12 @@ impl KvCacheBackend for OmniKvBackend {
         prompt_len: usize,
         max_new_tokens: Option<usize>,
     ) -> anyhow::Result<()> {
-        let max = self.config.max_context_len;
-        let total = prompt_len + max_new_tokens.unwrap_or(0);
-        if prompt_len > max {
-            anyhow::bail!(
-                "the prompt has {prompt_len} tokens, more than `max_context_len` = {max} of the omnikv config: shorten the prompt or raise `max_context_len`"
-            );
-        }
-        if total > max {
-            anyhow::bail!(
-                "the prompt ({prompt_len} tokens) plus `max_tokens` ({}) exceed `max_context_len` = {max} of the omnikv config: lower `max_tokens` or raise `max_context_len`",
-                total - prompt_len
-            );
-        }
-        Ok(())
+        crate::config::check_context_len(
+            BACKEND_NAME,
+            self.config.max_context_len,
+            prompt_len,
+            max_new_tokens,
+        )
     }
 
     fn supports_prefix_cache(&self) -> bool {

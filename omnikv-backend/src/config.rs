@@ -346,6 +346,29 @@ fn parse_layers(v: &Value, errors: &mut Vec<String>) -> Option<Vec<usize>> {
     Some(out)
 }
 
+/// Refuse a prompt, or prompt plus `max_tokens`, longer than a backend's
+/// `max_context_len`, with a message naming the limit and the fix.
+pub fn check_context_len(
+    backend: &str,
+    max: usize,
+    prompt_len: usize,
+    max_new_tokens: Option<usize>,
+) -> anyhow::Result<()> {
+    let total = prompt_len + max_new_tokens.unwrap_or(0);
+    if prompt_len > max {
+        anyhow::bail!(
+            "the prompt has {prompt_len} tokens, more than `max_context_len` = {max} of the {backend} config: shorten the prompt or raise `max_context_len`"
+        );
+    }
+    if total > max {
+        anyhow::bail!(
+            "the prompt ({prompt_len} tokens) plus `max_tokens` ({}) exceed `max_context_len` = {max} of the {backend} config: lower `max_tokens` or raise `max_context_len`",
+            total - prompt_len
+        );
+    }
+    Ok(())
+}
+
 fn parse_budget(n: &serde_json::Number, errors: &mut Vec<String>) -> Option<TokenBudget> {
     if let Some(i) = n.as_u64() {
         if i >= 1 {

@@ -814,16 +814,12 @@ impl KvCacheBackend for EvictingBackend {
         prompt_len: usize,
         max_new_tokens: Option<usize>,
     ) -> anyhow::Result<()> {
-        let max = self.config.max_context_len;
-        let total = prompt_len + max_new_tokens.unwrap_or(0);
-        if total > max {
-            anyhow::bail!(
-                "the prompt ({prompt_len} tokens) plus `max_tokens` ({}) exceed `max_context_len` = {max} of the {} config: shorten the prompt, lower `max_tokens` or raise `max_context_len`",
-                total - prompt_len,
-                self.name
-            );
-        }
-        Ok(())
+        crate::config::check_context_len(
+            self.name,
+            self.config.max_context_len,
+            prompt_len,
+            max_new_tokens,
+        )
     }
 
     fn sequence_finished(&self, seq_id: usize) {

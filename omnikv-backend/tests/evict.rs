@@ -310,24 +310,8 @@ impl KvCacheBackend for Reference {
     }
 }
 
-fn load(backend: Arc<dyn KvCacheBackend>) -> LlamaOmniKv {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    LlamaOmniKv::load_hf(
-        &cfg,
-        &[dir.join("model.safetensors")],
-        DType::F32,
-        &Device::Cpu,
-        backend,
-    )
-    .unwrap()
-}
-
-fn ids(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed)) >> 24)
-        .collect()
-}
+mod common;
+use common::{tiny_llama as load, token_ids as ids};
 
 /// Prompt pass, then one decode step per remaining token, as sequence `seq`.
 fn decode(model: &LlamaOmniKv, seq: usize, toks: &[u32], prompt: usize) -> Vec<Vec<f32>> {

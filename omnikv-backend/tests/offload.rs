@@ -18,18 +18,11 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
+mod common;
+
 fn tiny(config: serde_json::Value) -> (LlamaOmniKv, OmniKvBackend) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let backend = OmniKvBackend::new(OmniKvConfig::from_value(&config).unwrap());
-    let model = LlamaOmniKv::load_hf(
-        &cfg,
-        &[dir.join("model.safetensors")],
-        DType::F32,
-        &Device::Cpu,
-        Arc::new(backend.clone()) as Arc<dyn KvCacheBackend>,
-    )
-    .unwrap();
+    let model = common::tiny_llama(Arc::new(backend.clone()) as Arc<dyn KvCacheBackend>);
     (model, backend)
 }
 
@@ -44,12 +37,7 @@ fn config(budget: serde_json::Value, selector: &str, offload: bool) -> serde_jso
     })
 }
 
-/// Deterministic token ids below the tiny vocabulary size.
-fn ids(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed)) >> 24)
-        .collect()
-}
+use common::token_ids as ids;
 
 fn logits(model: &LlamaOmniKv, x: &[u32], offset: usize, last: usize) -> Vec<f32> {
     let x = Tensor::new(x, &Device::Cpu).unwrap().unsqueeze(0).unwrap();

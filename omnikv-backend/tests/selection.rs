@@ -363,19 +363,9 @@ fn in_place_sparse_decode_equals_the_gathered_copy() {
 }
 
 fn tiny(config: serde_json::Value) -> LlamaOmniKv {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let backend: Arc<dyn KvCacheBackend> = Arc::new(OmniKvBackend::new(
+    common::tiny_llama(Arc::new(OmniKvBackend::new(
         OmniKvConfig::from_value(&config).unwrap(),
-    ));
-    LlamaOmniKv::load_hf(
-        &cfg,
-        &[dir.join("model.safetensors")],
-        DType::F32,
-        &Device::Cpu,
-        backend,
-    )
-    .unwrap()
+    )))
 }
 
 /// Greedy-free decode: feed `ids[prompt..]` one by one after a prompt pass,

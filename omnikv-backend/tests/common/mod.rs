@@ -1,6 +1,33 @@
 //! Helpers shared by this crate's integration tests.
+#![allow(dead_code)]
 
-use candle_core::{DType, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use mistralrs_core::kv_backend::KvCacheBackend;
+use omnikv_backend::LlamaOmniKv;
+
+/// The tiny random Llama-3.1 fixture (2 layers, 4 heads, 2 KV heads, head
+/// dim 16) in f32 on the CPU, attending through `backend`.
+pub fn tiny_llama(backend: Arc<dyn KvCacheBackend>) -> LlamaOmniKv {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    LlamaOmniKv::load_hf(
+        &cfg,
+        &[dir.join("model.safetensors")],
+        DType::F32,
+        &Device::Cpu,
+        backend,
+    )
+    .unwrap()
+}
+
+/// Deterministic token ids below the tiny vocabulary size.
+pub fn token_ids(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed)) >> 24)
+        .collect()
+}
 
 /// Largest |a - b| over all elements, compared in f32.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
