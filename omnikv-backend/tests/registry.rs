@@ -11,7 +11,7 @@ fn omnikv_registers_with_the_host() {
     omnikv_backend::register(); // idempotent
     assert_eq!(
         registered_kv_cache_backends(),
-        vec!["default".to_string(), "omnikv".to_string()]
+        ["default", "h2o", "omnikv", "snapkv", "streaming"].map(String::from)
     );
     assert_eq!(registered_architectures(), vec!["llama_omnikv".to_string()]);
     let arch = architecture("llama_omnikv").unwrap();
@@ -26,7 +26,7 @@ fn omnikv_registers_with_the_host() {
         .to_string();
     assert_eq!(
         e,
-        "unknown KV-cache backend `nope`; registered backends: default, omnikv"
+        "unknown KV-cache backend `nope`; registered backends: default, h2o, omnikv, snapkv, streaming"
     );
     let e = select_kv_cache_backend("omnikv", None)
         .unwrap_err()
@@ -64,4 +64,18 @@ fn omnikv_registers_with_the_host() {
     assert!(e.contains("takes no configuration"), "{e}");
     select_kv_cache_backend("default", None).unwrap();
     assert_eq!(active_kv_cache_backend().name(), "default");
+
+    // The baselines run without a config (defaults) and refuse bad ones.
+    for name in ["h2o", "streaming", "snapkv"] {
+        let b = select_kv_cache_backend(name, None).unwrap();
+        assert_eq!(b.name(), name);
+        assert_eq!(b.model_architecture(), Some("llama_omnikv"));
+        assert!(!b.supports_prefix_cache());
+    }
+    let e = format!(
+        "{:#}",
+        select_kv_cache_backend("snapkv", Some(&serde_json::json!({"budget": 2.5}))).unwrap_err()
+    );
+    assert!(e.contains("`budget` = 2.5"), "{e}");
+    select_kv_cache_backend("default", None).unwrap();
 }
