@@ -192,24 +192,40 @@ impl Server {
     /// The `omnikv store: released sequence ...` log lines so far (one per
     /// sequence the host dropped, the start-up dummy run included).
     pub fn store_releases(&self) -> Vec<StoreRelease> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(StoreRelease::parse)
-            .collect()
+        self.log_lines(StoreRelease::parse)
     }
 
     /// Wait until the log shows `count` releases; returns them.
     pub fn wait_for_releases(&self, count: usize, timeout: Duration) -> Result<Vec<StoreRelease>> {
+        self.wait_for_lines(count, timeout, "store releases", StoreRelease::parse)
+    }
+
+    /// The log lines `parse` recognises, parsed.
+    fn log_lines<T>(&self, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(parse)
+            .collect()
+    }
+
+    /// Wait until the log has `count` lines that `parse` recognises.
+    fn wait_for_lines<T>(
+        &self,
+        count: usize,
+        timeout: Duration,
+        what: &str,
+        parse: impl Fn(&str) -> Option<T> + Copy,
+    ) -> Result<Vec<T>> {
         let deadline = Instant::now() + timeout;
         loop {
-            let r = self.store_releases();
+            let r = self.log_lines(parse);
             if r.len() >= count {
                 return Ok(r);
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{} store releases logged, expected {count}:\n{}",
+                    "{} {what} logged, expected {count}:\n{}",
                     r.len(),
                     self.log_tail()
                 );
@@ -380,11 +396,7 @@ impl EvictRelease {
 impl Server {
     /// The eviction backends' release lines so far.
     pub fn evict_releases(&self) -> Vec<EvictRelease> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(EvictRelease::parse)
-            .collect()
+        self.log_lines(EvictRelease::parse)
     }
 
     /// Wait until the log shows `count` eviction-backend releases.
@@ -393,21 +405,7 @@ impl Server {
         count: usize,
         timeout: Duration,
     ) -> Result<Vec<EvictRelease>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let r = self.evict_releases();
-            if r.len() >= count {
-                return Ok(r);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} releases logged, expected {count}:\n{}",
-                    r.len(),
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for_lines(count, timeout, "releases", EvictRelease::parse)
     }
 }
 

@@ -8,13 +8,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use mistralrs_core::kv_backend::{
     AttentionInput, CustomTextModel, ForwardScope, ForwardState, KvCache, KvCacheBackend,
     SequenceIdsScope,
 };
 use omnikv_backend::evict::{causal_attention_mass, rows_to_keep, EvictionPolicy};
-use omnikv_backend::{EvictingBackend, EvictionConfig, LlamaOmniKv, OmniKvBackend, OmniKvConfig};
+use omnikv_backend::{EvictingBackend, EvictionConfig, OmniKvBackend, OmniKvConfig};
 
 struct Lcg(u64);
 impl Lcg {
@@ -311,29 +311,7 @@ impl KvCacheBackend for Reference {
 }
 
 mod common;
-use common::{tiny_llama as load, token_ids as ids};
-
-/// Prompt pass, then one decode step per remaining token, as sequence `seq`.
-fn decode(model: &LlamaOmniKv, seq: usize, toks: &[u32], prompt: usize) -> Vec<Vec<f32>> {
-    model.reset_cache();
-    let _scope = ForwardScope::enter(vec![prompt]);
-    let _ids = SequenceIdsScope::enter(vec![seq]);
-    let run = |x: &[u32], offset: usize, last: usize| -> Vec<f32> {
-        let x = Tensor::new(x, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        model
-            .forward(&x, &[offset], vec![(last, 1)])
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let mut out = vec![run(&toks[..prompt], 0, prompt - 1)];
-    for (pos, &id) in toks.iter().enumerate().skip(prompt) {
-        out.push(run(&[id], pos, 0));
-    }
-    out
-}
+use common::{decode_steps as decode, tiny_llama as load, token_ids as ids};
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter()

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope, KvCacheBackend, SequenceIdsScope};
 use omnikv_backend::{LlamaOmniKv, OmniKvBackend, OmniKvConfig};
 
@@ -39,29 +39,7 @@ fn config(budget: serde_json::Value, selector: &str, offload: bool) -> serde_jso
 
 use common::token_ids as ids;
 
-fn logits(model: &LlamaOmniKv, x: &[u32], offset: usize, last: usize) -> Vec<f32> {
-    let x = Tensor::new(x, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    model
-        .forward(&x, &[offset], vec![(last, 1)])
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// Prompt pass, then one decode step per remaining token, as host sequence
-/// `seq`; every step's logits.
-fn decode(model: &LlamaOmniKv, seq: usize, ids: &[u32], prompt: usize) -> Vec<Vec<f32>> {
-    model.reset_cache();
-    let _scope = ForwardScope::enter(vec![prompt]);
-    let _ids = SequenceIdsScope::enter(vec![seq]);
-    let mut out = vec![logits(model, &ids[..prompt], 0, prompt - 1)];
-    for (pos, &id) in ids.iter().enumerate().skip(prompt) {
-        out.push(logits(model, &[id], pos, 0));
-    }
-    out
-}
+use common::{decode_steps as decode, step_logits as logits};
 
 fn diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len());

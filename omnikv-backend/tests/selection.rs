@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope, KvCacheBackend};
+use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope};
 use omnikv_backend::attention::indexed_decode_attention;
 use omnikv_backend::config::SelectorKind;
 use omnikv_backend::selector::{make_selector, select, select_keeping, top_k_sorted, Keep};

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use mistralrs_core::kv_backend::KvCacheBackend;
+use mistralrs_core::kv_backend::{ForwardScope, KvCacheBackend, SequenceIdsScope};
 use omnikv_backend::LlamaOmniKv;
 
 /// The tiny random Llama-3.1 fixture (2 layers, 4 heads, 2 KV heads, head
@@ -39,4 +39,30 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Logits of the last of `x`'s tokens (position `last` in `x`), fed at
+/// `offset`, for one sequence.
+pub fn step_logits(model: &LlamaOmniKv, x: &[u32], offset: usize, last: usize) -> Vec<f32> {
+    let x = Tensor::new(x, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    model
+        .forward(&x, &[offset], vec![(last, 1)])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Prompt pass, then one decode step per remaining token, as host sequence
+/// `seq`; every step's logits.
+pub fn decode_steps(model: &LlamaOmniKv, seq: usize, ids: &[u32], prompt: usize) -> Vec<Vec<f32>> {
+    model.reset_cache();
+    let _scope = ForwardScope::enter(vec![prompt]);
+    let _ids = SequenceIdsScope::enter(vec![seq]);
+    let mut out = vec![step_logits(model, &ids[..prompt], 0, prompt - 1)];
+    for (pos, &id) in ids.iter().enumerate().skip(prompt) {
+        out.push(step_logits(model, &[id], pos, 0));
+    }
+    out
 }
