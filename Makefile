@@ -9,7 +9,7 @@ KV_CACHE ?= omnikv
 KV_CACHE_CONFIG ?= configs/example.json
 CARGO ?= cargo
 
-.PHONY: prepare build serve test eval ab calibrate fixtures fmt
+.PHONY: prepare build serve test eval ab calibrate fixtures cuda-check fmt
 
 ## Extract and patch the pinned host crates, fetch the model, install the
 ## OpenAI Python client the streaming-error test drives the server with.
@@ -69,6 +69,12 @@ calibrate: build
 ## Rewrite the tiny Llama fixtures (needs torch, transformers, gguf).
 fixtures:
 	python3 scripts/make_tiny_llama_fixtures.py
+
+## Compile-check the CUDA side without a GPU: the kernels with nvcc from
+## PyPI, then omnikv-backend with `cuda-kernels` (own target directory).
+cuda-check:
+	scripts/check-cuda-kernels.sh
+	scripts/check-cuda-rust.sh
 
 fmt:
 	$(CARGO) fmt -p omnikv-backend -p integration-tests

@@ -6,18 +6,22 @@
 //   omnikv_score_max      fused_head_max_scores: per prompt key, the max over
 //                         query heads of the scaled dot product (`last`)
 //   omnikv_topk_*         top_k_sorted: the k best positions, ascending
-//   omnikv_gather_rows    store::delta_stage: selected rows into a staging
-//                         buffer (host-pinned source -> device, or device ->
-//                         device for delta fetch)
+//   omnikv_gather_rows    ops::gather_rows: selected rows into a staging
+//                         buffer
+//   omnikv_merge_rows     cuda_staging: delta fetch, the previous staging and
+//                         the newly copied rows merged on the copy stream
 //   omnikv_flash_decode_* indexed_decode_attention: one query over an index
 //                         list, split-K with a log-sum-exp merge
 //
-// Layouts (all row-major, contiguous):
-//   q       [h, d]            (f32)
+// Layouts (row-major):
+//   q       [h, d]            (f32, contiguous)
 //   keys    [kv_h, n, d]      (T = half or bfloat16 or float)
 //   values  [kv_h, n, d]
 //   rows    [m]               (uint32, ascending, < n)
-// Query head `hq` reads KV head `hq / (h / kv_h)`.
+// Rows of keys and values are contiguous (stride d); heads are
+// `head_stride` elements apart (>= n * d), so the model cache's view of its
+// preallocated buffer is read in place. Query head `hq` reads KV head
+// `hq / (h / kv_h)`.
 //
 // Compile-checked with scripts/check-cuda-kernels.sh (nvcc from PyPI).
 
@@ -49,7 +53,7 @@ __device__ __forceinline__ float warp_max(float v) {
 template <typename T>
 __device__ void score_max(const float* __restrict__ q, const T* __restrict__ keys,
                           float* __restrict__ scores, int h, int kv_h, int n, int d,
-                          float scale) {
+                          long long head_stride, float scale) {
     const int warps = blockDim.x / 32;
     const int pos = blockIdx.x * warps + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -57,7 +61,7 @@ __device__ void score_max(const float* __restrict__ q, const T* __restrict__ key
     const int g = h / kv_h;
     float best = -FLT_MAX;
     for (int kh = 0; kh < kv_h; ++kh) {
-        const T* k = keys + ((size_t)kh * n + pos) * d;
+        const T* k = keys + (size_t)kh * head_stride + (size_t)pos * d;
         for (int gi = 0; gi < g; ++gi) {
             const float* qh = q + (size_t)(kh * g + gi) * d;
             float acc = 0.f;
@@ -176,10 +180,27 @@ __device__ void topk_compact(const float* __restrict__ scores, int n,
 // host tier) or device memory (delta fetch from the previous staging).
 template <typename T>
 __device__ void gather_rows(const T* __restrict__ src, const uint32_t* __restrict__ rows,
-                            T* __restrict__ staging, int n, int m, int d) {
+                            T* __restrict__ staging, long long head_stride, int m, int d) {
     const int j = blockIdx.x, kh = blockIdx.y;
     if (j >= m) return;
-    const T* from = src + ((size_t)kh * n + rows[j]) * d;
+    const T* from = src + (size_t)kh * head_stride + (size_t)rows[j] * d;
+    T* to = staging + ((size_t)kh * m + j) * d;
+    for (int x = threadIdx.x; x < d; x += blockDim.x) to[x] = from[x];
+}
+
+// Delta fetch: staging[kh, j, :] = order[j] < na ? a[kh, order[j], :]
+// : b[kh, order[j] - na, :], with a = the previous staging [kv_h, na, d] and
+// b = the newly copied rows [kv_h, nb, d] (both contiguous). Runs on the copy
+// stream. One block per (j, kh).
+template <typename T>
+__device__ void merge_rows(const T* __restrict__ a, int na, const T* __restrict__ b, int nb,
+                           const uint32_t* __restrict__ order, T* __restrict__ staging, int m,
+                           int d) {
+    const int j = blockIdx.x, kh = blockIdx.y;
+    if (j >= m) return;
+    const uint32_t o = order[j];
+    const T* from = o < (uint32_t)na ? a + ((size_t)kh * na + o) * d
+                                     : b + ((size_t)kh * nb + (o - na)) * d;
     T* to = staging + ((size_t)kh * m + j) * d;
     for (int x = threadIdx.x; x < d; x += blockDim.x) to[x] = from[x];
 }
@@ -196,7 +217,8 @@ template <typename T>
 __device__ void flash_decode_split(const float* __restrict__ q, const T* __restrict__ keys,
                                    const T* __restrict__ values,
                                    const uint32_t* __restrict__ rows, int m, int h, int kv_h,
-                                   int n, int d, float scale, int rows_per_split,
+                                   long long k_head_stride, long long v_head_stride, int d,
+                                   float scale, int rows_per_split,
                                    float* __restrict__ part_max, float* __restrict__ part_sum,
                                    float* __restrict__ part_acc) {
     const int split = blockIdx.x, hq = blockIdx.y;
@@ -215,16 +237,17 @@ __device__ void flash_decode_split(const float* __restrict__ q, const T* __restr
     float acc[MAX_D / 32];
     for (int i = 0; i < MAX_D / 32; ++i) acc[i] = 0.f;
     for (int r = begin + warp; r < end; r += warps) {
-        const size_t row = ((size_t)kh * n + rows[r]) * d;
+        const T* krow = keys + (size_t)kh * k_head_stride + (size_t)rows[r] * d;
+        const T* vrow = values + (size_t)kh * v_head_stride + (size_t)rows[r] * d;
         float dot = 0.f;
-        for (int x = lane; x < d; x += 32) dot += qs[x] * to_f32(keys[row + x]);
+        for (int x = lane; x < d; x += 32) dot += qs[x] * to_f32(krow[x]);
         const float logit = warp_sum(dot) * scale;
         const float new_max = fmaxf(mx, logit);
         const float correction = __expf(mx - new_max);
         const float p = __expf(logit - new_max);
         sum = sum * correction + p;
         for (int i = 0, x = lane; x < d; ++i, x += 32)
-            acc[i] = acc[i] * correction + p * to_f32(values[row + x]);
+            acc[i] = acc[i] * correction + p * to_f32(vrow[x]);
         mx = new_max;
     }
     if (lane == 0) {
@@ -288,19 +311,27 @@ __device__ void flash_decode_merge(const float* __restrict__ part_max,
 #define OMNIKV_TYPED(NAME, T)                                                                    \
     extern "C" __global__ void omnikv_score_max_##NAME(const float* q, const T* keys,           \
                                                        float* scores, int h, int kv_h, int n,   \
-                                                       int d, float scale) {                    \
-        omnikv::score_max<T>(q, keys, scores, h, kv_h, n, d, scale);                            \
+                                                       int d, long long head_stride,            \
+                                                       float scale) {                           \
+        omnikv::score_max<T>(q, keys, scores, h, kv_h, n, d, head_stride, scale);               \
     }                                                                                            \
     extern "C" __global__ void omnikv_gather_rows_##NAME(const T* src, const uint32_t* rows,    \
-                                                         T* staging, int n, int m, int d) {     \
-        omnikv::gather_rows<T>(src, rows, staging, n, m, d);                                    \
+                                                         T* staging, long long head_stride,     \
+                                                         int m, int d) {                        \
+        omnikv::gather_rows<T>(src, rows, staging, head_stride, m, d);                          \
+    }                                                                                            \
+    extern "C" __global__ void omnikv_merge_rows_##NAME(const T* a, int na, const T* b, int nb, \
+                                                        const uint32_t* order, T* staging,      \
+                                                        int m, int d) {                         \
+        omnikv::merge_rows<T>(a, na, b, nb, order, staging, m, d);                              \
     }                                                                                            \
     extern "C" __global__ void omnikv_flash_decode_split_##NAME(                                \
         const float* q, const T* keys, const T* values, const uint32_t* rows, int m, int h,     \
-        int kv_h, int n, int d, float scale, int rows_per_split, float* part_max,               \
-        float* part_sum, float* part_acc) {                                                      \
-        omnikv::flash_decode_split<T>(q, keys, values, rows, m, h, kv_h, n, d, scale,           \
-                                      rows_per_split, part_max, part_sum, part_acc);            \
+        int kv_h, long long k_head_stride, long long v_head_stride, int d, float scale,         \
+        int rows_per_split, float* part_max, float* part_sum, float* part_acc) {                 \
+        omnikv::flash_decode_split<T>(q, keys, values, rows, m, h, kv_h, k_head_stride,         \
+                                      v_head_stride, d, scale, rows_per_split, part_max,        \
+                                      part_sum, part_acc);                                       \
     }
 
 OMNIKV_TYPED(f32, float)

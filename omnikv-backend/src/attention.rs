@@ -83,6 +83,34 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
     p.matmul(&v)
 }
 
+/// Attention on an accelerator, with the tensors where they are (no copy to
+/// the CPU): a decode step (`s == 1`) runs [`crate::ops::indexed_decode`]
+/// over every cached row (flash decoding on CUDA), a prompt pass the plain
+/// [`reference_attention`] with candle's kernels. Same shapes and dtype as
+/// [`streaming_attention`].
+pub fn device_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let n = k.dim(2)?;
+    if s != 1 {
+        return reference_attention(q, k, v, scale)?.to_dtype(q.dtype());
+    }
+    let all = Tensor::arange(0u32, n as u32, q.device())?;
+    let outs = (0..b)
+        .map(|i| {
+            crate::ops::indexed_decode(
+                &q.get(i)?.reshape((h, d))?,
+                &k.get(i)?,
+                &v.get(i)?,
+                &all,
+                scale,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&outs, 0)?
+        .reshape((b, h, 1, d))?
+        .to_dtype(q.dtype())
+}
+
 /// Dot product in f32, accumulated four products at a time. The summation
 /// order is fixed (and the same as mistral.rs's CPU attention kernel), so the
 /// dense path reproduces the stock cache's logits bit for bit.
@@ -214,6 +242,31 @@ pub fn with_rows<R>(t: &Tensor, f: impl FnOnce(&RowView<'_>) -> Result<R>) -> Re
     with_rows(&rowable(t)?, f)
 }
 
+/// A [`RowView`] of a rank-3 `(heads, len, d)` CPU storage (read with
+/// `bi = 0`), if its last dimension is contiguous and its dtype f32/f16/bf16.
+pub(crate) fn row_view3<'a>(
+    cpu: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Option<RowView<'a>> {
+    use candle_core::CpuStorage;
+    let (st, dims) = (layout.stride(), layout.dims());
+    if dims.len() != 3 || (st[2] != 1 && dims[2] != 1) {
+        return None;
+    }
+    let data = match cpu {
+        CpuStorage::F32(x) => RowData::F32(x),
+        CpuStorage::F16(x) => RowData::F16(x),
+        CpuStorage::BF16(x) => RowData::BF16(x),
+        _ => return None,
+    };
+    Some(RowView {
+        data,
+        offset: layout.start_offset(),
+        strides: [0, st[0], st[1]],
+        d: dims[2],
+    })
+}
+
 /// A [`RowView`] of a rank-4 tensor's storage, if it can be read in place.
 fn row_view<'a>(
     storage: &'a candle_core::Storage,
@@ -268,7 +321,7 @@ type LoadRow<'a> = dyn Fn(usize, usize, usize, &mut [f32], &mut [f32]) + Sync + 
 /// [`DECODE_TILE`] run in parallel (every head of a block together), then
 /// the blocks merge in order. Returns `(b * h * d)` outputs.
 #[allow(clippy::too_many_arguments)]
-fn decode_tiles(
+pub(crate) fn decode_tiles(
     qv: &[f32],
     b: usize,
     h: usize,
@@ -337,7 +390,6 @@ const SCORE_BLOCK: usize = 256;
 ///
 /// * `q`: `(h, d)`; `keys`: `(kv_h, P, d)` with `h % kv_h == 0`.
 pub fn fused_head_max_scores(q: &Tensor, keys: &Tensor, scale: f64) -> Result<Vec<f32>> {
-    use rayon::prelude::*;
     let (h, d) = q.dims2()?;
     let (kv_h, p, kd) = keys.dims3()?;
     if h % kv_h != 0 || kd != d {
@@ -347,35 +399,49 @@ pub fn fused_head_max_scores(q: &Tensor, keys: &Tensor, scale: f64) -> Result<Ve
             keys.dims()
         );
     }
-    let g = h / kv_h;
-    let scale = scale as f32;
     let qv = to_f32_vec(q)?;
     let keys = keys.unsqueeze(0)?;
+    with_rows(&keys, |kr| {
+        Ok(score_max_rows(&qv, kr, h, kv_h, p, d, scale as f32))
+    })
+}
+
+/// The kernel of [`fused_head_max_scores`] (and of `ops::score_max` on the
+/// CPU): `qv` is `(h, d)`, `kr` holds the keys as rows `(0, kv_head, pos)`.
+pub(crate) fn score_max_rows(
+    qv: &[f32],
+    kr: &RowView<'_>,
+    h: usize,
+    kv_h: usize,
+    p: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let g = h / kv_h;
     let blocks = p.div_ceil(SCORE_BLOCK);
-    let parts: Vec<Vec<f32>> = with_rows(&keys, |kr| {
-        Ok((0..blocks)
-            .into_par_iter()
-            .map(|blk| {
-                let (start, end) = (blk * SCORE_BLOCK, ((blk + 1) * SCORE_BLOCK).min(p));
-                let mut best = vec![f32::NEG_INFINITY; end - start];
-                let mut row = vec![0f32; d];
-                for kh in 0..kv_h {
-                    for (slot, j) in best.iter_mut().zip(start..end) {
-                        kr.load(0, kh, j, &mut row);
-                        for gi in 0..g {
-                            let hq = kh * g + gi;
-                            let s = dot4(&qv[hq * d..(hq + 1) * d], &row) * scale;
-                            if s > *slot {
-                                *slot = s;
-                            }
+    let parts: Vec<Vec<f32>> = (0..blocks)
+        .into_par_iter()
+        .map(|blk| {
+            let (start, end) = (blk * SCORE_BLOCK, ((blk + 1) * SCORE_BLOCK).min(p));
+            let mut best = vec![f32::NEG_INFINITY; end - start];
+            let mut row = vec![0f32; d];
+            for kh in 0..kv_h {
+                for (slot, j) in best.iter_mut().zip(start..end) {
+                    kr.load(0, kh, j, &mut row);
+                    for gi in 0..g {
+                        let hq = kh * g + gi;
+                        let s = dot4(&qv[hq * d..(hq + 1) * d], &row) * scale;
+                        if s > *slot {
+                            *slot = s;
                         }
                     }
                 }
-                best
-            })
-            .collect())
-    })?;
-    Ok(parts.concat())
+            }
+            best
+        })
+        .collect();
+    parts.concat()
 }
 
 /// One sequence's decode query attending to chosen rows of one or more
@@ -474,6 +540,9 @@ fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 /// returns `(b, h, s, d)` in `q`'s dtype; arithmetic in f32.
 pub fn streaming_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     use rayon::prelude::*;
+    if !q.device().is_cpu() {
+        return device_attention(q, k, v, scale);
+    }
     let Dims {
         b,
         h,
@@ -616,6 +685,9 @@ pub const PREFILL_TILE: usize = 128;
 /// the stock kernel: that is [`streaming_attention`]).
 pub fn tiled_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     use rayon::prelude::*;
+    if !q.device().is_cpu() {
+        return device_attention(q, k, v, scale);
+    }
     let Dims {
         b,
         h,

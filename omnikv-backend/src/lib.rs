@@ -10,8 +10,11 @@
 pub mod attention;
 pub mod backend;
 pub mod config;
+#[cfg(feature = "cuda-kernels")]
+pub mod cuda_staging;
 pub mod evict;
 pub mod model;
+pub mod ops;
 pub mod plan;
 pub mod recall;
 pub mod selector;

@@ -59,13 +59,8 @@ impl Selector for Last {
     fn scores(&self, queries: &Tensor, keys: &Tensor, scale: f64) -> Result<Tensor> {
         let n = queries.dim(0)?;
         let q = queries.get(n - 1)?; // (h, d)
-        let p = keys.dim(1)?;
-        if keys.device().is_cpu() {
-            // Fused scoring: keys read in place, no (h, P) logit matrix.
-            let s = crate::attention::fused_head_max_scores(&q, keys, scale)?;
-            return Tensor::from_vec(s, p, queries.device());
-        }
-        head_max_scores(&q.unsqueeze(0)?, keys, scale, false)?.squeeze(0)
+                                     // Fused scoring: keys read in place, no (h, P) logit matrix.
+        crate::ops::score_max(&q, keys, scale)
     }
 }
 
@@ -216,13 +211,15 @@ pub fn select_keeping(
         return Ok((0..p as u32).collect());
     }
     let rest = p - tail;
-    let scores: Vec<f32> = selector.scores(queries, prompt_keys, scale)?.to_vec1()?;
+    let scores = selector.scores(queries, prompt_keys, scale)?;
+    // Top-k where the scores are (on the GPU too); only k indices come back.
+    let top = crate::ops::top_k(
+        &scores.narrow(0, sink, rest - sink)?,
+        k.saturating_sub(sink + tail).max(1),
+    )?
+    .to_vec1::<u32>()?;
     let mut out: Vec<u32> = (0..sink as u32).collect();
-    out.extend(
-        top_k_sorted(&scores[sink..rest], k.saturating_sub(sink + tail).max(1))
-            .into_iter()
-            .map(|i| i + sink as u32),
-    );
+    out.extend(top.into_iter().map(|i| i + sink as u32));
     out.extend(rest as u32..p as u32);
     Ok(out)
 }

@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::attention::{indexed_decode_attention, streaming_attention};
+use crate::attention::streaming_attention;
 
 /// Rows one sequence attends to: the sorted prompt selection, then every
 /// generated position `prompt_len .. n`.
@@ -25,8 +25,9 @@ pub fn attended_rows(selection: &[u32], prompt_len: usize, n: usize) -> Vec<u32>
 /// * `rows`: ascending cache rows to attend (see [`attended_rows`]).
 ///
 /// Returns `(1, h, 1, d)`. The softmax runs over the attended rows only. The
-/// rows are read in place from the cache, blocks of rows in parallel; the
-/// result is bit-identical to [`gathered_decode_attention`].
+/// rows are read in place from the cache through [`crate::ops::indexed_decode`]:
+/// on the CPU, blocks of rows in parallel, bit-identical to
+/// [`gathered_decode_attention`]; on CUDA, split-K flash decoding.
 pub fn sparse_decode_attention(
     q: &Tensor,
     k: &Tensor,
@@ -34,7 +35,24 @@ pub fn sparse_decode_attention(
     rows: &[u32],
     scale: f64,
 ) -> Result<Tensor> {
-    indexed_decode_attention(q, &[(k, v, rows)], scale)
+    let (b, h, s, d) = q.dims4()?;
+    if b != 1 || s != 1 || k.dim(0)? != 1 || rows.is_empty() {
+        candle_core::bail!(
+            "sparse_decode_attention: expected one decode query, one sequence's cache and at least one row, got q {:?}, k {:?}, {} rows",
+            q.dims(),
+            k.dims(),
+            rows.len()
+        );
+    }
+    let idx = Tensor::from_slice(rows, rows.len(), q.device())?;
+    let out = crate::ops::indexed_decode(
+        &q.reshape((h, d))?,
+        &k.squeeze(0)?,
+        &v.squeeze(0)?,
+        &idx,
+        scale,
+    )?;
+    out.reshape((1, h, 1, d))?.to_dtype(q.dtype())
 }
 
 /// Plain reference of [`sparse_decode_attention`]: copy the rows, then

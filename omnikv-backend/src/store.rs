@@ -91,6 +91,40 @@ pub struct Staged {
     pub positions: Vec<u32>,
     pub k: Tensor,
     pub v: Tensor,
+    /// When the copy that filled `k` and `v` is done.
+    pub ready: Ready,
+}
+
+/// Completion of a staging copy. On CUDA the copy runs on a copy stream
+/// (`crate::cuda_staging`) and the consumer's compute stream must wait for
+/// it; everywhere else the copy is complete when the staging exists.
+#[derive(Clone, Default)]
+pub struct Ready {
+    #[cfg(feature = "cuda-kernels")]
+    copy: Option<crate::cuda_staging::CopyDone>,
+}
+
+impl Ready {
+    /// Make `device`'s compute stream wait for the copy. Enqueues a wait on
+    /// the GPU; never blocks the calling thread. A no-op off CUDA.
+    pub fn wait_on(&self, device: &Device) -> Result<()> {
+        #[cfg(feature = "cuda-kernels")]
+        if let (Some(copy), Device::Cuda(dev)) = (&self.copy, device) {
+            return copy.wait_on(dev);
+        }
+        let _ = device;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Ready {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        #[cfg(feature = "cuda-kernels")]
+        if self.copy.is_some() {
+            return f.write_str("Ready(copy stream)");
+        }
+        f.write_str("Ready(done)")
+    }
 }
 
 impl Staged {
@@ -382,6 +416,7 @@ impl TieredStore {
     /// Append the generated rows to staged prompt rows:
     /// `(1, kv_h, sel + generated, d)` keys and values.
     pub fn with_tail(&self, seq: usize, layer: usize, staged: Staged) -> Result<(Tensor, Tensor)> {
+        staged.ready.wait_on(staged.k.device())?;
         let mut ks = vec![staged.k];
         let mut vs = vec![staged.v];
         if let Some((kt, vt)) = self.tail(seq, layer)? {
@@ -483,36 +518,63 @@ pub fn delta_stage(
             host_v.index_select(&idx, 1)?.to_device(device)?,
         ))
     };
-    let Some(prev) = previous.filter(|p| p.k.device().same_device(device)) else {
+    let prev = previous.filter(|p| p.k.device().same_device(device));
+    // Where each selected position comes from: the previous staging (its
+    // index there) or the rows fetched now (after the previous rows).
+    let (fresh, order) = match prev {
+        None => (selection.to_vec(), None),
+        Some(prev) => {
+            let mut fresh = Vec::new();
+            let mut order = Vec::with_capacity(selection.len());
+            let mut j = 0;
+            for &pos in selection {
+                while j < prev.positions.len() && prev.positions[j] < pos {
+                    j += 1;
+                }
+                if j < prev.positions.len() && prev.positions[j] == pos {
+                    order.push(j as u32);
+                } else {
+                    order.push((prev.positions.len() + fresh.len()) as u32);
+                    fresh.push(pos);
+                }
+            }
+            if fresh.is_empty() && selection == prev.positions.as_slice() {
+                return Ok((prev.clone(), 0));
+            }
+            (fresh, Some(order))
+        }
+    };
+    #[cfg(feature = "cuda-kernels")]
+    if let (Device::Cuda(dev), true) = (device, host.is_cpu()) {
+        // Pinned buffer, copy stream, merge kernel, event.
+        let (k, v, copy) = crate::cuda_staging::stage(
+            host_k,
+            host_v,
+            prev.map(|p| (&p.k, &p.v)),
+            &fresh,
+            order.as_deref(),
+            dev,
+        )?;
+        let staged = Staged {
+            positions: selection.to_vec(),
+            k,
+            v,
+            ready: Ready { copy: Some(copy) },
+        };
+        return Ok((staged, fresh.len()));
+    }
+    let (Some(prev), Some(order)) = (prev, order) else {
         let (k, v) = fetch(selection)?;
         return Ok((
             Staged {
                 positions: selection.to_vec(),
                 k,
                 v,
+                ready: Ready::default(),
             },
             selection.len(),
         ));
     };
-    // Where each selected position comes from: the previous staging (its
-    // index there) or the rows fetched now (after the previous rows).
-    let mut fresh = Vec::new();
-    let mut order = Vec::with_capacity(selection.len());
-    let mut j = 0;
-    for &pos in selection {
-        while j < prev.positions.len() && prev.positions[j] < pos {
-            j += 1;
-        }
-        if j < prev.positions.len() && prev.positions[j] == pos {
-            order.push(j as u32);
-        } else {
-            order.push((prev.positions.len() + fresh.len()) as u32);
-            fresh.push(pos);
-        }
-    }
-    if fresh.is_empty() && selection == prev.positions.as_slice() {
-        return Ok((prev.clone(), 0));
-    }
     let (k_all, v_all) = if fresh.is_empty() {
         (prev.k.clone(), prev.v.clone())
     } else {
@@ -528,6 +590,7 @@ pub fn delta_stage(
             positions: selection.to_vec(),
             k: k_all.index_select(&idx, 1)?,
             v: v_all.index_select(&idx, 1)?,
+            ready: Ready::default(),
         },
         fresh.len(),
     ))

@@ -18,18 +18,6 @@ use omnikv_backend::{LlamaOmniKv, OmniKvBackend, OmniKvConfig};
 mod common;
 
 /// Deterministic pseudo-random numbers in [-1, 1).
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn naive_top_k(scores: &[f32], k: usize) -> Vec<u32> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     idx.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
@@ -50,7 +38,7 @@ fn top_k_matches_full_sort() {
         (50, 80, 7),
     ] {
         // Quantise to create ties.
-        let scores: Vec<f32> = rand_vec(n, seed)
+        let scores: Vec<f32> = common::rand_vec(n, seed)
             .iter()
             .map(|x| (x * 8.0).round())
             .collect();
@@ -150,8 +138,8 @@ fn selectors_match_reference() {
     for c in CASES {
         let h = c.kv_heads * c.group;
         let w = c.window;
-        let q = rand_vec(w * h * c.head_dim, 11 + c.prompt as u64);
-        let k = rand_vec(c.kv_heads * c.prompt * c.head_dim, 12 + c.prompt as u64);
+        let q = common::rand_vec(w * h * c.head_dim, 11 + c.prompt as u64);
+        let k = common::rand_vec(c.kv_heads * c.prompt * c.head_dim, 12 + c.prompt as u64);
         let qt = Tensor::from_slice(&q, (w, h, c.head_dim), &dev).unwrap();
         let kt = Tensor::from_slice(&k, (c.kv_heads, c.prompt, c.head_dim), &dev).unwrap();
         for kind in [
@@ -191,8 +179,9 @@ fn fused_scores_match_the_matrix_form() {
     let dev = Device::Cpu;
     for (kvh, g, d, p, seed) in [(3, 3, 64, 700, 7u64), (1, 8, 16, 256, 8), (4, 1, 32, 3, 9)] {
         let h = kvh * g;
-        let q = Tensor::from_vec(rand_vec(h * d, seed), (h, d), &dev).unwrap();
-        let k = Tensor::from_vec(rand_vec(kvh * p * d, seed + 1), (kvh, p, d), &dev).unwrap();
+        let q = Tensor::from_vec(common::rand_vec(h * d, seed), (h, d), &dev).unwrap();
+        let k =
+            Tensor::from_vec(common::rand_vec(kvh * p * d, seed + 1), (kvh, p, d), &dev).unwrap();
         for dtype in [DType::F32, DType::F16] {
             let k = k.to_dtype(dtype).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
@@ -223,8 +212,8 @@ fn fused_scores_match_the_matrix_form() {
 fn selection_budget_and_prompt_tail_rule() {
     let dev = Device::Cpu;
     let (h, d, p) = (4, 8, 40);
-    let q = Tensor::from_slice(&rand_vec(16 * h * d, 3), (16, h, d), &dev).unwrap();
-    let k = Tensor::from_slice(&rand_vec(2 * p * d, 4), (2, p, d), &dev).unwrap();
+    let q = Tensor::from_slice(&common::rand_vec(16 * h * d, 3), (16, h, d), &dev).unwrap();
+    let k = Tensor::from_slice(&common::rand_vec(2 * p * d, 4), (2, p, d), &dev).unwrap();
     let last = make_selector(SelectorKind::Last, 16);
     let s = select(&*last, &q.narrow(0, 15, 1).unwrap(), &k, 0.3, 5, 1).unwrap();
     assert_eq!(s.len(), 5);
@@ -255,9 +244,9 @@ fn sparse_attention_matches_masked_full_attention() {
         (4, 1, 32, 33, 40, 33, 3),
     ] {
         let h = kvh * g;
-        let q = rand_vec(h * d, seed);
-        let k = rand_vec(kvh * n * d, seed + 10);
-        let v = rand_vec(kvh * n * d, seed + 20);
+        let q = common::rand_vec(h * d, seed);
+        let k = common::rand_vec(kvh * n * d, seed + 10);
+        let v = common::rand_vec(kvh * n * d, seed + 20);
         let sel: Vec<u32> = (0..p as u32)
             .filter(|j| (j * 7 + seed as u32) % (p as u32 / keep as u32).max(1) == 0)
             .take(keep)
@@ -314,11 +303,19 @@ fn in_place_sparse_decode_equals_the_gathered_copy() {
         (1, 1, 8, 5, 5, 6),
     ] {
         let h = kvh * g;
-        let q = Tensor::from_vec(rand_vec(h * d, seed), (1, h, 1, d), &dev).unwrap();
-        let buf_k =
-            Tensor::from_vec(rand_vec(kvh * cap * d, seed + 1), (1, kvh, cap, d), &dev).unwrap();
-        let buf_v =
-            Tensor::from_vec(rand_vec(kvh * cap * d, seed + 2), (1, kvh, cap, d), &dev).unwrap();
+        let q = Tensor::from_vec(common::rand_vec(h * d, seed), (1, h, 1, d), &dev).unwrap();
+        let buf_k = Tensor::from_vec(
+            common::rand_vec(kvh * cap * d, seed + 1),
+            (1, kvh, cap, d),
+            &dev,
+        )
+        .unwrap();
+        let buf_v = Tensor::from_vec(
+            common::rand_vec(kvh * cap * d, seed + 2),
+            (1, kvh, cap, d),
+            &dev,
+        )
+        .unwrap();
         for dtype in [DType::F32, DType::F16] {
             // A cache view: the first n rows of a larger buffer (strided).
             let k = buf_k.to_dtype(dtype).unwrap().narrow(2, 0, n).unwrap();
@@ -561,8 +558,8 @@ fn prompts_below_min_prompt_len_decode_densely() {
 fn keeping_sinks_and_recent_tokens() {
     let dev = Device::Cpu;
     let (h, d, p) = (4, 8, 60);
-    let q = Tensor::from_slice(&rand_vec(h * d, 11), (1, h, d), &dev).unwrap();
-    let k = Tensor::from_slice(&rand_vec(2 * p * d, 12), (2, p, d), &dev).unwrap();
+    let q = Tensor::from_slice(&common::rand_vec(h * d, 11), (1, h, d), &dev).unwrap();
+    let k = Tensor::from_slice(&common::rand_vec(2 * p * d, 12), (2, p, d), &dev).unwrap();
     let last = make_selector(SelectorKind::Last, 16);
     let scores: Vec<f32> = last.scores(&q, &k, 0.3).unwrap().to_vec1().unwrap();
     for (sink, recent, budget) in [

@@ -19,6 +19,13 @@
 //! ```text
 //! target/debug/omnikv-synth --lengths 8192,32768,131072 --steps 5
 //! ```
+//!
+//! `--device cuda` runs the same on the first GPU (build with `--features
+//! cuda-kernels`, or `cuda` for the host's own CUDA kernels in the stock
+//! variant): weights, caches and queries live there, OmniKV runs the CUDA
+//! kernels (`omnikv_backend::ops`), offload stages through the pinned copy
+//! stream, and every step ends with a device synchronisation before its
+//! time is taken.
 
 use std::time::Instant;
 
@@ -39,6 +46,7 @@ const USAGE: &str = "usage: omnikv-synth [options]
   --steps N          decode steps per variant and length (default 5)
   --filter-layers L  OmniKV filter layers (default 2,8)
   --budget B         OmniKV budget, fraction or count (default 0.1)
+  --device D         cpu (default) or cuda
   --out FILE         Markdown report (default results/synthetic.md; plot next to it)";
 
 const LAYERS: usize = 16;
@@ -59,7 +67,7 @@ struct Layer {
     down: QMatMul,
 }
 
-fn q4(out: usize, inp: usize, seed: u64) -> Result<(QMatMul, u64)> {
+fn q4(out: usize, inp: usize, seed: u64, dev: &Device) -> Result<(QMatMul, u64)> {
     // Cheap deterministic pseudo-random values (speed does not depend on
     // them); randn for a billion weights would dominate the run.
     let n = out * inp;
@@ -73,7 +81,7 @@ fn q4(out: usize, inp: usize, seed: u64) -> Result<(QMatMul, u64)> {
         })
         .collect();
     let t = Tensor::from_vec(vals, (out, inp), &Device::Cpu)?;
-    let qt = QTensor::quantize(&t, GgmlDType::Q4_0)?;
+    let qt = QTensor::quantize_onto(&t, GgmlDType::Q4_0, dev)?;
     let bytes = qt.storage_size_in_bytes() as u64;
     Ok((QMatMul::from_qtensor(qt)?, bytes))
 }
@@ -86,10 +94,10 @@ struct Model {
 }
 
 impl Model {
-    fn new(bar: &ProgressBar) -> Result<Self> {
+    fn new(bar: &ProgressBar, dev: &Device) -> Result<Self> {
         let mut weight_bytes = 0;
         let mut mk = |o, i, seed| -> Result<QMatMul> {
-            let (m, b) = q4(o, i, seed)?;
+            let (m, b) = q4(o, i, seed, dev)?;
             weight_bytes += b;
             Ok(m)
         };
@@ -201,6 +209,7 @@ fn main() -> Result<()> {
     let mut filter_layers = "2,8".to_string();
     let mut budget = serde_json::json!(0.1);
     let mut out = root().join("results/synthetic.md");
+    let mut device = "cpu".to_string();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -223,9 +232,17 @@ fn main() -> Result<()> {
             "--filter-layers" => filter_layers = value()?,
             "--budget" => budget = serde_json::from_str(&value()?).context("--budget")?,
             "--out" => out = value()?.into(),
+            "--device" => device = value()?,
             other => bail!("unknown option {other}\n{USAGE}"),
         }
     }
+    let dev = match device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).context(
+            "--device cuda: no CUDA device (build with --features cuda-kernels on a machine with a GPU)",
+        )?,
+        other => bail!("--device must be cpu or cuda, got {other}"),
+    };
     if steps == 0 || lengths.is_empty() {
         bail!("--steps and --lengths must be non-empty");
     }
@@ -254,16 +271,16 @@ fn main() -> Result<()> {
     let bar = ProgressBar::new((lengths.len() * steps * 4) as u64).with_style(
         ProgressStyle::with_template("[{bar:30}] {pos}/{len} {elapsed_precise} {msg}").unwrap(),
     );
-    let model = Model::new(&bar)?;
-    let x = Tensor::randn(0f32, 1.0, (1, 1, HIDDEN), &Device::Cpu)?;
+    let model = Model::new(&bar, &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (1, 1, HIDDEN), &dev)?;
     let row_bytes = (KV_HEADS * HEAD_DIM * 2 * 2) as u64; // keys + values, f16
     let mut rows = Vec::new();
     for &n in &lengths {
         bar.set_message(format!("{n} tokens: filling caches"));
-        let keys = Tensor::randn(0f32, 1.0, (1, KV_HEADS, n, HEAD_DIM), &Device::Cpu)?
-            .to_dtype(DType::F16)?;
-        let values = Tensor::randn(0f32, 1.0, (1, KV_HEADS, n, HEAD_DIM), &Device::Cpu)?
-            .to_dtype(DType::F16)?;
+        let keys =
+            Tensor::randn(0f32, 1.0, (1, KV_HEADS, n, HEAD_DIM), &dev)?.to_dtype(DType::F16)?;
+        let values =
+            Tensor::randn(0f32, 1.0, (1, KV_HEADS, n, HEAD_DIM), &dev)?.to_dtype(DType::F16)?;
         let cap = n + 4 * steps + 8;
         let fill = |layers: &[usize]| -> Result<Vec<KvCache>> {
             (0..LAYERS)
@@ -325,23 +342,21 @@ fn main() -> Result<()> {
                         pos_own += 1;
                     }
                 }
+                dev.synchronize()?;
                 times[v].push(t.elapsed().as_secs_f64());
                 bar.inc(1);
             }
         }
         // Selection overhead: the filter layers' scoring + top-k, same kernels.
-        let q = Tensor::randn(0f32, 1.0, (HEADS, HEAD_DIM), &Device::Cpu)?;
+        let q = Tensor::randn(0f32, 1.0, (HEADS, HEAD_DIM), &dev)?;
         let keys3 = keys.squeeze(0)?;
         let budget_rows = config(false)?.budget.tokens_for(n);
         let mut sel_times = Vec::new();
         for _ in 0..steps {
             let t = Instant::now();
-            let scores = omnikv_backend::attention::fused_head_max_scores(
-                &q,
-                &keys3,
-                (HEAD_DIM as f64).powf(-0.5),
-            )?;
-            let _ = omnikv_backend::selector::top_k_sorted(&scores, budget_rows);
+            let scores = omnikv_backend::ops::score_max(&q, &keys3, (HEAD_DIM as f64).powf(-0.5))?;
+            let _ = omnikv_backend::ops::top_k(&scores, budget_rows)?.to_vec1::<u32>()?;
+            dev.synchronize()?;
             sel_times.push(t.elapsed().as_secs_f64() * filters as f64);
         }
         let usage = offload.store_usage();
@@ -381,7 +396,7 @@ fn main() -> Result<()> {
     );
     let mut md = format!(
         "# Synthetic Llama-3.2-1B shape: decode step, stock cache vs OmniKV\n\n\
-         Machine: {}. Decoder of Llama-3.2-1B shape (16 layers, hidden 2048, 32/8 heads of 64, MLP 8192, \
+         Machine: {}. Device: {device}. Decoder of Llama-3.2-1B shape (16 layers, hidden 2048, 32/8 heads of 64, MLP 8192, \
          vocabulary 128256) with random Q4_0 weights ({} read per step), f16 KV cache filled directly; \
          attention through the real backends. OmniKV: filter layers {filter_layers}, one wait-load layer, \
          budget {budget}, selector `last` ({} of 16 layers sparse). Medians of {steps} steps per variant, \

@@ -1,0 +1,366 @@
+//! The decode-step custom ops (`omnikv_backend::ops`) against plain
+//! references: their CPU forward passes here, and with the `cuda-kernels`
+//! feature on a machine with a GPU, the CUDA kernels against those CPU
+//! passes (module `cuda` below).
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use omnikv_backend::attention::{
+    device_attention, indexed_decode_attention, reference_attention, streaming_attention,
+};
+use omnikv_backend::ops;
+use omnikv_backend::selector::head_max_scores;
+
+/// `(kv_h, n, d)` keys as the model cache hands them out: a view of the first
+/// `n` rows of a larger preallocated buffer (head stride `cap * d`).
+fn cache_view(kv_h: usize, n: usize, d: usize, seed: u64, dtype: DType) -> Tensor {
+    let cap = n + 5;
+    let buf = Tensor::from_vec(
+        common::rand_vec(kv_h * cap * d, seed),
+        (kv_h, cap, d),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_dtype(dtype)
+    .unwrap();
+    buf.narrow(1, 0, n).unwrap()
+}
+
+fn query(h: usize, d: usize, seed: u64) -> Tensor {
+    Tensor::from_vec(common::rand_vec(h * d, seed), (h, d), &Device::Cpu).unwrap()
+}
+
+/// Shapes: (kv heads, group size, head dim, rows).
+const SHAPES: [(usize, usize, usize, usize); 4] = [
+    (2, 4, 64, 700),
+    (1, 8, 16, 33),
+    (4, 1, 32, 3),
+    (8, 4, 128, 1030),
+];
+
+#[test]
+fn score_max_equals_the_matrix_form() {
+    for (i, &(kv_h, g, d, n)) in SHAPES.iter().enumerate() {
+        let q = query(kv_h * g, d, 10 + i as u64);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let k = cache_view(kv_h, n, d, 20 + i as u64, dtype);
+            assert!(
+                kv_h == 1 || !k.is_contiguous(),
+                "the test reads a strided view"
+            );
+            let scale = 1.0 / (d as f64).sqrt();
+            let got: Vec<f32> = ops::score_max(&q, &k, scale).unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = head_max_scores(&q.unsqueeze(0).unwrap(), &k, scale, false)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got.len(), n);
+            for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{dtype:?} {i} pos {j}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+/// Top-k against a full sort: ascending positions of the k largest, ties to
+/// the earlier position, NaN lowest; k = 0 and k >= n included.
+#[test]
+fn top_k_equals_a_full_sort() {
+    for (n, seed) in [(1usize, 1u64), (7, 2), (300, 3), (4097, 4)] {
+        let mut scores = common::rand_vec(n, seed);
+        // Ties and NaN.
+        for j in (0..n).step_by(5) {
+            scores[j] = 0.25;
+        }
+        if n > 3 {
+            scores[3] = f32::NAN;
+        }
+        let t = Tensor::from_vec(scores.clone(), n, &Device::Cpu).unwrap();
+        for k in [0, 1, 2, n / 3, n.saturating_sub(1), n, n + 3] {
+            let got: Vec<u32> = ops::top_k(&t, k).unwrap().to_vec1().unwrap();
+            let key = |i: usize| {
+                if scores[i].is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    scores[i]
+                }
+            };
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+            let mut want: Vec<u32> = order[..k.min(n)].iter().map(|&i| i as u32).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "n {n} k {k}");
+        }
+    }
+    // A narrowed (offset) view is read from its offset.
+    let t = Tensor::new(&[9f32, 1.0, 5.0, 3.0], &Device::Cpu).unwrap();
+    let got: Vec<u32> = ops::top_k(&t.narrow(0, 1, 3).unwrap(), 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(got, vec![1]);
+}
+
+#[test]
+fn gather_rows_equals_index_select() {
+    let rows = [0u32, 3, 4, 17, 31, 32];
+    let idx = Tensor::new(&rows, &Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let src = cache_view(3, 33, 16, 5, dtype);
+        let got = ops::gather_rows(&src, &idx).unwrap();
+        let want = src.contiguous().unwrap().index_select(&idx, 1).unwrap();
+        assert_eq!(got.dims(), &[3, rows.len(), 16]);
+        assert_eq!(got.dtype(), dtype);
+        assert_eq!(common::max_abs_diff(&got, &want), 0.0, "{dtype:?}");
+    }
+    let src = cache_view(1, 4, 8, 6, DType::F32);
+    let err = ops::gather_rows(&src, &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 4"), "{err}");
+}
+
+/// Decode attention over an index list: against the plain reference on the
+/// gathered rows, and bit for bit against the backend's in-place CPU path.
+#[test]
+fn indexed_decode_equals_attention_over_the_gathered_rows() {
+    for (i, &(kv_h, g, d, n)) in SHAPES.iter().enumerate() {
+        let h = kv_h * g;
+        let q = query(h, d, 40 + i as u64);
+        let rows: Vec<u32> = (0..n as u32)
+            .filter(|r| r % 3 != 1 || *r + 1 == n as u32)
+            .collect();
+        let idx = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let k = cache_view(kv_h, n, d, 50 + i as u64, dtype);
+            let v = cache_view(kv_h, n, d, 60 + i as u64, dtype);
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = ops::indexed_decode(&q, &k, &v, &idx, scale).unwrap();
+            assert_eq!(got.dims(), &[h, d]);
+            let gk = k
+                .contiguous()
+                .unwrap()
+                .index_select(&idx, 1)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let gv = v
+                .contiguous()
+                .unwrap()
+                .index_select(&idx, 1)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let q4 = q.reshape((1, h, 1, d)).unwrap();
+            let want = reference_attention(&q4, &gk, &gv, scale)
+                .unwrap()
+                .reshape((h, d))
+                .unwrap();
+            let diff = common::max_abs_diff(&got, &want);
+            assert!(diff < 2e-5, "{dtype:?} shape {i}: {diff}");
+            let (k4, v4) = (k.unsqueeze(0).unwrap(), v.unsqueeze(0).unwrap());
+            let in_place = indexed_decode_attention(&q4, &[(&k4, &v4, &rows)], scale)
+                .unwrap()
+                .reshape((h, d))
+                .unwrap();
+            assert_eq!(
+                common::max_abs_diff(&got, &in_place),
+                0.0,
+                "{dtype:?} shape {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn indexed_decode_refuses_bad_input() {
+    let q = query(4, 8, 1);
+    let k = cache_view(2, 5, 8, 2, DType::F32);
+    let cases: Vec<(Tensor, Tensor, Tensor, &str)> = vec![
+        (
+            q.clone(),
+            k.clone(),
+            Tensor::new(&[0u32, 5], &Device::Cpu).unwrap(),
+            "row 5",
+        ),
+        (
+            q.clone(),
+            k.clone(),
+            Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap(),
+            "non-empty",
+        ),
+        (
+            q.clone(),
+            k.clone(),
+            Tensor::new(&[0f32], &Device::Cpu).unwrap(),
+            "u32",
+        ),
+        (
+            query(3, 8, 3),
+            k.clone(),
+            Tensor::new(&[0u32], &Device::Cpu).unwrap(),
+            "multiple of kv_h",
+        ),
+        (
+            q.clone(),
+            cache_view(2, 6, 8, 4, DType::F32),
+            Tensor::new(&[0u32], &Device::Cpu).unwrap(),
+            "do not match",
+        ),
+    ];
+    for (i, (q, v, rows, want)) in cases.into_iter().enumerate() {
+        let err = ops::indexed_decode(&q, &k, &v, &rows, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "case {i}: {err}");
+    }
+}
+
+/// The accelerator attention path (ops for decode, candle kernels for
+/// prompts), run here on the CPU, equals the CPU kernels.
+#[test]
+fn device_attention_equals_the_cpu_kernels() {
+    let dev = Device::Cpu;
+    for (b, kv_h, g, d, past, s) in [
+        (1, 2, 2, 16, 40, 1),
+        (3, 1, 4, 32, 9, 1),
+        (2, 2, 2, 16, 7, 5),
+    ] {
+        let h = kv_h * g;
+        let n = past + s;
+        let q = Tensor::from_vec(common::rand_vec(b * h * s * d, 70), (b, h, s, d), &dev).unwrap();
+        let k = Tensor::from_vec(
+            common::rand_vec(b * kv_h * n * d, 71),
+            (b, kv_h, n, d),
+            &dev,
+        )
+        .unwrap();
+        let v = Tensor::from_vec(
+            common::rand_vec(b * kv_h * n * d, 72),
+            (b, kv_h, n, d),
+            &dev,
+        )
+        .unwrap();
+        let got = device_attention(&q, &k, &v, 0.3).unwrap();
+        let want = streaming_attention(&q, &k, &v, 0.3).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let diff = common::max_abs_diff(&got, &want);
+        assert!(diff < 1e-5, "b {b} s {s}: {diff}");
+        if s == 1 && b > 1 {
+            // The per-sequence decode of a batch equals decoding it alone.
+            let one = device_attention(
+                &q.i(1..2).unwrap(),
+                &k.i(1..2).unwrap(),
+                &v.i(1..2).unwrap(),
+                0.3,
+            )
+            .unwrap();
+            assert_eq!(common::max_abs_diff(&got.i(1..2).unwrap(), &one), 0.0);
+        }
+    }
+}
+
+/// The CUDA kernels against the CPU forward passes (needs a GPU; built with
+/// `--features cuda-kernels`).
+#[cfg(feature = "cuda-kernels")]
+mod cuda {
+    use super::*;
+    use omnikv_backend::store::{delta_stage, Staged};
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("the CUDA tests need a GPU")
+    }
+
+    #[test]
+    fn cuda_ops_equal_their_cpu_forward_passes() {
+        let gpu = gpu();
+        for (i, &(kv_h, g, d, n)) in SHAPES.iter().enumerate() {
+            let h = kv_h * g;
+            let q = query(h, d, 80 + i as u64);
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let k = cache_view(kv_h, n, d, 90 + i as u64, dtype);
+                let v = cache_view(kv_h, n, d, 95 + i as u64, dtype);
+                let (qg, kg, vg) = (
+                    q.to_device(&gpu).unwrap(),
+                    k.to_device(&gpu).unwrap(),
+                    v.to_device(&gpu).unwrap(),
+                );
+                let scale = 1.0 / (d as f64).sqrt();
+                // Scoring.
+                let sc = ops::score_max(&q, &k, scale).unwrap();
+                let sg = ops::score_max(&qg, &kg, scale).unwrap();
+                let diff = common::max_abs_diff(&sc, &sg.to_device(&Device::Cpu).unwrap());
+                assert!(diff < 1e-4, "score {dtype:?} {i}: {diff}");
+                // Top-k over the same scores.
+                for kk in [1, n / 2, n.saturating_sub(1)] {
+                    let want: Vec<u32> = ops::top_k(&sc, kk).unwrap().to_vec1().unwrap();
+                    let got: Vec<u32> = ops::top_k(&sc.to_device(&gpu).unwrap(), kk)
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    assert_eq!(got, want, "top-k {kk} of {n}");
+                }
+                // Gather and decode over an index list.
+                let rows: Vec<u32> = (0..n as u32).filter(|r| r % 2 == 0).collect();
+                let (ic, ig) = (
+                    Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(),
+                    Tensor::new(rows.as_slice(), &gpu).unwrap(),
+                );
+                let gc = ops::gather_rows(&k, &ic).unwrap();
+                let gg = ops::gather_rows(&kg, &ig)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap();
+                assert_eq!(common::max_abs_diff(&gc, &gg), 0.0, "gather {dtype:?}");
+                let dc = ops::indexed_decode(&q, &k, &v, &ic, scale).unwrap();
+                let dg = ops::indexed_decode(&qg, &kg, &vg, &ig, scale).unwrap();
+                let diff = common::max_abs_diff(&dc, &dg.to_device(&Device::Cpu).unwrap());
+                assert!(diff < 1e-4, "decode {dtype:?} {i}: {diff}");
+            }
+        }
+    }
+
+    /// Pinned copy stream + merge kernel: the staged rows equal the CPU
+    /// staging, over several steps of changing selections (delta fetch).
+    #[test]
+    fn cuda_staging_equals_cpu_staging() {
+        let gpu = gpu();
+        let (kv_h, p, d) = (2, 500, 64);
+        for dtype in [DType::F16, DType::F32] {
+            let hk = cache_view(kv_h, p, d, 100, dtype);
+            let hv = cache_view(kv_h, p, d, 101, dtype);
+            let mut prev_cpu: Option<Staged> = None;
+            let mut prev_gpu: Option<Staged> = None;
+            for step in 0..6u32 {
+                let sel: Vec<u32> = (0..p as u32)
+                    .filter(|r| (r * 7 + step * 13) % 10 < 3)
+                    .collect();
+                let (c, moved_c) =
+                    delta_stage(&hk, &hv, prev_cpu.as_ref(), &sel, &Device::Cpu).unwrap();
+                let (g, moved_g) = delta_stage(&hk, &hv, prev_gpu.as_ref(), &sel, &gpu).unwrap();
+                assert_eq!(moved_c, moved_g, "step {step}");
+                g.ready.wait_on(&gpu).unwrap();
+                let gk = g.k.to_device(&Device::Cpu).unwrap();
+                let gv = g.v.to_device(&Device::Cpu).unwrap();
+                assert_eq!(
+                    common::max_abs_diff(&c.k, &gk),
+                    0.0,
+                    "{dtype:?} step {step}"
+                );
+                assert_eq!(
+                    common::max_abs_diff(&c.v, &gv),
+                    0.0,
+                    "{dtype:?} step {step}"
+                );
+                prev_cpu = Some(c);
+                prev_gpu = Some(g);
+            }
+        }
+    }
+}
