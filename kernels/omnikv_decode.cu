@@ -78,9 +78,9 @@ __device__ void score_max(const float* __restrict__ q, const T* __restrict__ key
 // compaction that keeps positions in ascending order. Ties go to the earlier
 // position (as top_k_sorted). Single block; n up to a few million.
 __device__ __forceinline__ uint32_t ordered(float f) {
+    // NaN ranks as -inf (as top_k_sorted on the CPU: ties by position).
+    if (f != f) f = __int_as_float(0xff800000);
     uint32_t u = __float_as_uint(f);
-    // NaN ranks lowest (as on the CPU): map it below -inf.
-    if (f != f) return 0u;
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

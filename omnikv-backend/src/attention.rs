@@ -85,14 +85,16 @@ pub fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
 
 /// Attention on an accelerator, with the tensors where they are (no copy to
 /// the CPU): a decode step (`s == 1`) runs [`crate::ops::indexed_decode`]
-/// over every cached row (flash decoding on CUDA), a prompt pass the plain
-/// [`reference_attention`] with candle's kernels. Same shapes and dtype as
-/// [`streaming_attention`].
+/// over every cached row (flash decoding on CUDA), a prompt pass
+/// [`chunked_prompt_attention`] with candle's kernels, in query chunks whose
+/// score matrices stay under [`PROMPT_SCORE_BYTES`]. Same shapes and dtype
+/// as [`streaming_attention`].
 pub fn device_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     let n = k.dim(2)?;
     if s != 1 {
-        return reference_attention(q, k, v, scale)?.to_dtype(q.dtype());
+        let chunk = (PROMPT_SCORE_BYTES / (b * h * n * 4).max(1)).clamp(1, s);
+        return chunked_prompt_attention(q, k, v, scale, chunk);
     }
     let all = Tensor::arange(0u32, n as u32, q.device())?;
     let outs = (0..b)
@@ -109,6 +111,38 @@ pub fn device_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     Tensor::stack(&outs, 0)?
         .reshape((b, h, 1, d))?
         .to_dtype(q.dtype())
+}
+
+/// Largest f32 score matrix [`device_attention`] forms at once in a prompt
+/// pass (a 32K-token prompt would need 128 GiB for 32 heads unchunked).
+pub const PROMPT_SCORE_BYTES: usize = 512 << 20;
+
+/// Causal attention of a prompt pass in chunks of `chunk` query rows: each
+/// chunk runs [`reference_attention`] over the keys it can see. Returns
+/// `(b, h, s, d)` in `q`'s dtype.
+pub fn chunked_prompt_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    chunk: usize,
+) -> Result<Tensor> {
+    let s = q.dim(2)?;
+    let past = k.dim(2)? - s;
+    let mut outs = Vec::with_capacity(s.div_ceil(chunk.max(1)));
+    let mut start = 0;
+    while start < s {
+        let len = chunk.max(1).min(s - start);
+        let visible = past + start + len;
+        outs.push(reference_attention(
+            &q.narrow(2, start, len)?,
+            &k.narrow(2, 0, visible)?,
+            &v.narrow(2, 0, visible)?,
+            scale,
+        )?);
+        start += len;
+    }
+    Tensor::cat(&outs, 2)?.to_dtype(q.dtype())
 }
 
 /// Dot product in f32, accumulated four products at a time. The summation
@@ -248,23 +282,26 @@ pub(crate) fn row_view3<'a>(
     cpu: &'a candle_core::CpuStorage,
     layout: &candle_core::Layout,
 ) -> Option<RowView<'a>> {
-    use candle_core::CpuStorage;
     let (st, dims) = (layout.stride(), layout.dims());
     if dims.len() != 3 || (st[2] != 1 && dims[2] != 1) {
         return None;
     }
-    let data = match cpu {
-        CpuStorage::F32(x) => RowData::F32(x),
-        CpuStorage::F16(x) => RowData::F16(x),
-        CpuStorage::BF16(x) => RowData::BF16(x),
-        _ => return None,
-    };
     Some(RowView {
-        data,
+        data: row_data(cpu)?,
         offset: layout.start_offset(),
         strides: [0, st[0], st[1]],
         d: dims[2],
     })
+}
+
+fn row_data(cpu: &candle_core::CpuStorage) -> Option<RowData<'_>> {
+    use candle_core::CpuStorage;
+    match cpu {
+        CpuStorage::F32(x) => Some(RowData::F32(x)),
+        CpuStorage::F16(x) => Some(RowData::F16(x)),
+        CpuStorage::BF16(x) => Some(RowData::BF16(x)),
+        _ => None,
+    }
 }
 
 /// A [`RowView`] of a rank-4 tensor's storage, if it can be read in place.
@@ -273,22 +310,15 @@ fn row_view<'a>(
     layout: &candle_core::Layout,
     d: usize,
 ) -> Option<RowView<'a>> {
-    use candle_core::{CpuStorage, Storage};
     let st = layout.stride();
-    let Storage::Cpu(cpu) = storage else {
+    let candle_core::Storage::Cpu(cpu) = storage else {
         return None;
     };
     if st[3] != 1 && d != 1 {
         return None;
     }
-    let data = match cpu {
-        CpuStorage::F32(x) => RowData::F32(x),
-        CpuStorage::F16(x) => RowData::F16(x),
-        CpuStorage::BF16(x) => RowData::BF16(x),
-        _ => return None,
-    };
     Some(RowView {
-        data,
+        data: row_data(cpu)?,
         offset: layout.start_offset(),
         strides: [st[0], st[1], st[2]],
         d,

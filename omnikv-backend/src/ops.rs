@@ -96,8 +96,11 @@ fn check_rows(op: &str, rows: &[u32], n: usize) -> Result<()> {
 /// query heads of the scaled dot product. `q`: `(h, d)`; `keys`:
 /// `(kv_h, n, d)`. Returns `(n,)` f32.
 pub fn score_max(q: &Tensor, keys: &Tensor, scale: f64) -> Result<Tensor> {
-    check_query("score_max", q, keys)?;
+    let (_, _, n, _) = check_query("score_max", q, keys)?;
     float_kv("keys", keys)?;
+    if n == 0 {
+        return Tensor::zeros(0, DType::F32, q.device());
+    }
     let q = q.to_dtype(DType::F32)?.contiguous()?;
     q.apply_op2_no_bwd(
         &rowwise(keys)?,

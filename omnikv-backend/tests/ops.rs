@@ -7,7 +7,8 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use omnikv_backend::attention::{
-    device_attention, indexed_decode_attention, reference_attention, streaming_attention,
+    chunked_prompt_attention, device_attention, indexed_decode_attention, reference_attention,
+    streaming_attention,
 };
 use omnikv_backend::ops;
 use omnikv_backend::selector::head_max_scores;
@@ -252,6 +253,12 @@ fn device_attention_equals_the_cpu_kernels() {
         assert_eq!(got.dims(), want.dims());
         let diff = common::max_abs_diff(&got, &want);
         assert!(diff < 1e-5, "b {b} s {s}: {diff}");
+        // A prompt pass in chunks of query rows equals it in one piece.
+        for chunk in [1, 2, 3] {
+            let chunked = chunked_prompt_attention(&q, &k, &v, 0.3, chunk).unwrap();
+            let diff = common::max_abs_diff(&chunked, &want);
+            assert!(diff < 1e-5, "b {b} s {s} chunk {chunk}: {diff}");
+        }
         if s == 1 && b > 1 {
             // The per-sequence decode of a batch equals decoding it alone.
             let one = device_attention(
@@ -322,6 +329,31 @@ mod cuda {
                 let dg = ops::indexed_decode(&qg, &kg, &vg, &ig, scale).unwrap();
                 let diff = common::max_abs_diff(&dc, &dg.to_device(&Device::Cpu).unwrap());
                 assert!(diff < 1e-4, "decode {dtype:?} {i}: {diff}");
+            }
+        }
+    }
+
+    /// Top-k on the GPU ranks ties, NaN and -inf as the CPU does.
+    #[test]
+    fn cuda_top_k_equals_the_cpu_with_ties_and_nan() {
+        let gpu = gpu();
+        for n in [5usize, 1000, 70_000] {
+            let mut scores = common::rand_vec(n, n as u64);
+            for j in (0..n).step_by(3) {
+                scores[j] = 0.5;
+            }
+            for j in (1..n).step_by(11) {
+                scores[j] = f32::NAN;
+            }
+            for j in (2..n).step_by(13) {
+                scores[j] = f32::NEG_INFINITY;
+            }
+            let c = Tensor::from_vec(scores, n, &Device::Cpu).unwrap();
+            let g = c.to_device(&gpu).unwrap();
+            for k in [1, 2, n / 3, n / 2, n - 1] {
+                let want: Vec<u32> = ops::top_k(&c, k).unwrap().to_vec1().unwrap();
+                let got: Vec<u32> = ops::top_k(&g, k).unwrap().to_vec1().unwrap();
+                assert_eq!(got, want, "n {n} k {k}");
             }
         }
     }
