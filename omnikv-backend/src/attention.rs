@@ -409,35 +409,16 @@ pub(crate) fn decode_tiles(
     out
 }
 
-/// Positions per parallel block of [`fused_head_max_scores`].
+/// Positions per parallel block of [`score_max_rows`].
 const SCORE_BLOCK: usize = 256;
 
-/// Selection scores of one query, fused: for each prompt key, the maximum
-/// over query heads of the scaled dot product. Keys are read in place (f16
-/// and bf16 rows converted a block at a time), blocks of positions run in
-/// parallel, and no `(heads, P)` logit matrix is formed. Equals
-/// `head_max_scores(q, keys, scale, false)` up to the summation order.
-///
-/// * `q`: `(h, d)`; `keys`: `(kv_h, P, d)` with `h % kv_h == 0`.
-pub fn fused_head_max_scores(q: &Tensor, keys: &Tensor, scale: f64) -> Result<Vec<f32>> {
-    let (h, d) = q.dims2()?;
-    let (kv_h, p, kd) = keys.dims3()?;
-    if h % kv_h != 0 || kd != d {
-        candle_core::bail!(
-            "fused_head_max_scores: query {:?} does not match keys {:?}",
-            q.dims(),
-            keys.dims()
-        );
-    }
-    let qv = to_f32_vec(q)?;
-    let keys = keys.unsqueeze(0)?;
-    with_rows(&keys, |kr| {
-        Ok(score_max_rows(&qv, kr, h, kv_h, p, d, scale as f32))
-    })
-}
-
-/// The kernel of [`fused_head_max_scores`] (and of `ops::score_max` on the
-/// CPU): `qv` is `(h, d)`, `kr` holds the keys as rows `(0, kv_head, pos)`.
+/// Selection scores of one query, fused (the CPU pass of
+/// `ops::score_max`): for each key, the maximum over query heads of the
+/// scaled dot product. Keys are read in place (f16 and bf16 rows converted a
+/// block at a time), blocks of positions run in parallel, and no
+/// `(heads, P)` logit matrix is formed; equals `head_max_scores(q, keys,
+/// scale, false)` up to the summation order. `qv` is `(h, d)`, `kr` holds
+/// the keys as rows `(0, kv_head, pos)`.
 pub(crate) fn score_max_rows(
     qv: &[f32],
     kr: &RowView<'_>,

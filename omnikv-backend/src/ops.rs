@@ -2,7 +2,7 @@
 //!
 //! | op | CPU (`cpu_fwd`, the reference) | CUDA (`cuda_fwd`, `kernels/omnikv_decode.cu`) |
 //! |---|---|---|
-//! | [`score_max`] | [`crate::attention::fused_head_max_scores`]'s kernel | `omnikv_score_max_*` |
+//! | [`score_max`] | fused in-place scoring | `omnikv_score_max_*` |
 //! | [`top_k`] | [`crate::selector::top_k_sorted`] | `omnikv_topk_threshold` + `omnikv_topk_compact` |
 //! | [`gather_rows`] | row copies | `omnikv_gather_rows_*` |
 //! | [`indexed_decode`] | the in-place decode tiles of [`crate::attention::indexed_decode_attention`] | `omnikv_flash_decode_split_*` + `omnikv_flash_decode_merge` (split-K, log-sum-exp merge) |
@@ -541,6 +541,25 @@ pub(crate) mod cuda {
         v: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        match k.dtype() {
+            DType::F32 => decode_t::<f32>(rows, scale, q, ql, k, kl, v, vl),
+            DType::F16 => decode_t::<half::f16>(rows, scale, q, ql, k, kl, v, vl),
+            DType::BF16 => decode_t::<half::bf16>(rows, scale, q, ql, k, kl, v, vl),
+            other => candle_core::bail!("omnikv indexed_decode: unsupported dtype {other:?}"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+        rows: &candle_core::Tensor,
+        scale: f32,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let (rs, rl) = rows.storage_and_layout();
         let candle_core::Storage::Cuda(rs) = &*rs else {
             candle_core::bail!("omnikv indexed_decode: row indices live on another device");
@@ -567,29 +586,14 @@ pub(crate) mod cuda {
         let stream = dev.cuda_stream();
         let split = func(
             &dev,
-            &format!("omnikv_flash_decode_split_{}", suffix(k.dtype())?),
+            &format!("omnikv_flash_decode_split_{}", suffix(T::DTYPE)?),
         )?;
-        let (kv16, vv16, kvb, vvb, kvf, vvf);
+        let (kv, vv) = (view::<T>(k, kl)?, view::<T>(v, vl)?);
         let mut b = stream.launch_builder(&split);
-        b.arg(&qv);
-        match k.dtype() {
-            DType::F16 => {
-                kv16 = view::<half::f16>(k, kl)?;
-                vv16 = view::<half::f16>(v, vl)?;
-                b.arg(&kv16).arg(&vv16);
-            }
-            DType::BF16 => {
-                kvb = view::<half::bf16>(k, kl)?;
-                vvb = view::<half::bf16>(v, vl)?;
-                b.arg(&kvb).arg(&vvb);
-            }
-            _ => {
-                kvf = view::<f32>(k, kl)?;
-                vvf = view::<f32>(v, vl)?;
-                b.arg(&kvf).arg(&vvf);
-            }
-        }
-        b.arg(&rv)
+        b.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&rv)
             .arg(&m32)
             .arg(&h32)
             .arg(&kvh32)

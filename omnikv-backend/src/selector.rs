@@ -57,9 +57,9 @@ impl Selector for Last {
         1
     }
     fn scores(&self, queries: &Tensor, keys: &Tensor, scale: f64) -> Result<Tensor> {
-        let n = queries.dim(0)?;
-        let q = queries.get(n - 1)?; // (h, d)
-                                     // Fused scoring: keys read in place, no (h, P) logit matrix.
+        // The current query `(h, d)`, scored fused: keys read in place, no
+        // `(h, P)` logit matrix.
+        let q = queries.get(queries.dim(0)? - 1)?;
         crate::ops::score_max(&q, keys, scale)
     }
 }

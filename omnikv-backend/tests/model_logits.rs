@@ -63,19 +63,6 @@ fn omnikv() -> Arc<dyn KvCacheBackend> {
     Arc::new(OmniKvBackend::new(OmniKvConfig::full_budget()))
 }
 
-fn load_hf(variant: &str, backend: Arc<dyn KvCacheBackend>) -> LlamaOmniKv {
-    let dir = fixture(variant);
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    LlamaOmniKv::load_hf(
-        &cfg,
-        &[dir.join("model.safetensors")],
-        DType::F32,
-        &Device::Cpu,
-        backend,
-    )
-    .unwrap()
-}
-
 fn load_gguf(variant: &str, file: &str) -> LlamaOmniKv {
     LlamaOmniKv::load_gguf(
         &[fixture(variant).join(file)],
@@ -134,7 +121,7 @@ fn assert_matches(name: &str, rows: &[Vec<f32>], r: &Reference) {
 fn hf_checkpoints_match_transformers() {
     for variant in ["tiny-llama3", "tiny-llama31"] {
         let r = reference(variant);
-        let model = load_hf(variant, omnikv());
+        let model = common::tiny_fixture(variant, omnikv());
         // Whole sequence as one prefill, and prefill + cached decode steps.
         assert_matches(
             &format!("{variant} prefill"),
@@ -255,9 +242,9 @@ fn own_attention_matches_host_sdpa() {
     // The same model through the host's stock attention (`default` backend)
     // and through this crate's attention gives the same logits, exactly.
     let r = reference("tiny-llama31");
-    let ours = run(&load_hf("tiny-llama31", omnikv()), &r.ids, 24);
+    let ours = run(&common::tiny_fixture("tiny-llama31", omnikv()), &r.ids, 24);
     let host = run(
-        &load_hf("tiny-llama31", Arc::new(DefaultKvCacheBackend)),
+        &common::tiny_fixture("tiny-llama31", Arc::new(DefaultKvCacheBackend)),
         &r.ids,
         24,
     );
@@ -274,7 +261,7 @@ fn own_attention_matches_host_sdpa() {
 #[test]
 fn batched_prefill_matches_single_sequences() {
     let r = reference("tiny-llama3");
-    let model = load_hf("tiny-llama3", omnikv());
+    let model = common::tiny_fixture("tiny-llama3", omnikv());
     let dev = Device::Cpu;
     let a = &r.ids[..20];
     let b = &r.ids[20..40];

@@ -185,7 +185,10 @@ fn fused_scores_match_the_matrix_form() {
         for dtype in [DType::F32, DType::F16] {
             let k = k.to_dtype(dtype).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
-            let got = omnikv_backend::attention::fused_head_max_scores(&q, &k, scale).unwrap();
+            let got: Vec<f32> = omnikv_backend::ops::score_max(&q, &k, scale)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let want: Vec<f32> = omnikv_backend::selector::head_max_scores(
                 &q.unsqueeze(0).unwrap(),
                 &k,

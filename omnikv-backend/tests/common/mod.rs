@@ -10,7 +10,14 @@ use omnikv_backend::LlamaOmniKv;
 /// The tiny random Llama-3.1 fixture (2 layers, 4 heads, 2 KV heads, head
 /// dim 16) in f32 on the CPU, attending through `backend`.
 pub fn tiny_llama(backend: Arc<dyn KvCacheBackend>) -> LlamaOmniKv {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
+    tiny_fixture("tiny-llama31", backend)
+}
+
+/// A tiny safetensors fixture (`tests/fixtures/<variant>`) in f32 on the CPU.
+pub fn tiny_fixture(variant: &str, backend: Arc<dyn KvCacheBackend>) -> LlamaOmniKv {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(variant);
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     LlamaOmniKv::load_hf(
         &cfg,
