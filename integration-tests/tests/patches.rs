@@ -1,6 +1,8 @@
-//! The patch pipeline: patches apply to pristine mistral.rs, preparing twice is
-//! harmless, the prepared copy is exactly pristine + patches, no upstream
-//! source is tracked, and the pinned host version matches the patch set.
+//! The patch pipeline: patches apply to pristine mistral.rs (the KV-cache
+//! series `patches/<crate>/`, then the fixes series `patches/fixes/<crate>/`),
+//! preparing twice is harmless, the prepared copy is exactly pristine +
+//! patches, no upstream source is tracked, and the pinned host version matches
+//! the patch set.
 
 use std::path::Path;
 use std::process::Command;
@@ -32,10 +34,12 @@ fn prepare_is_idempotent_and_reproduces_host() {
     }
     let prepare = || run(Command::new("bash").arg(tmp.join("scripts/prepare-host.sh")));
     let first = prepare();
-    assert!(
-        first.contains("mistralrs-core 0.8.1 prepared with 5 patches"),
-        "{first}"
-    );
+    for line in [
+        "mistralrs-core 0.8.1 prepared with 7 patches (6 KV-cache, 1 fixes)",
+        "mistralrs-server-core 0.8.1 prepared with 4 patches (1 KV-cache, 3 fixes)",
+    ] {
+        assert!(first.contains(line), "{line}:\n{first}");
+    }
     let second = prepare();
     assert!(
         second.contains("mistralrs-core up to date") && !second.contains("prepared with"),
@@ -59,22 +63,47 @@ fn prepare_is_idempotent_and_reproduces_host() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    // A patch that no longer applies stops the script with its name.
-    let broken = tmp.join("patches/mistralrs-core/0099-broken.patch");
-    std::fs::write(
-        &broken,
-        "--- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1,1 +1,1 @@\n-this line is not in lib.rs\n+x\n",
-    )
-    .unwrap();
-    let out = Command::new("bash")
-        .arg(tmp.join("scripts/prepare-host.sh"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    // A patch set that changes without changing the prepared sources (an
+    // edited description, a split patch) keeps them, so they stay compiled.
+    let fixes = tmp.join("patches/fixes/mistralrs-core");
+    let fix = std::fs::read_dir(&fixes)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "patch"))
+        .expect("a mistralrs-core fix");
+    let text = std::fs::read_to_string(&fix).unwrap();
+    std::fs::write(&fix, format!("An edited description.\n{text}")).unwrap();
+    let third = prepare();
     assert!(
-        !out.status.success() && err.contains("0099-broken.patch does not apply"),
-        "{err}"
+        third.contains("mistralrs-core 0.8.1 already equals pristine + its 7 patches")
+            && !third.contains("prepared with"),
+        "{third}"
     );
+    // A patch that no longer applies stops the script with its name, in
+    // either series.
+    let broken =
+        "--- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1,1 +1,1 @@\n-this line is not in lib.rs\n+x\n";
+    let mut previous: Option<std::path::PathBuf> = None;
+    for name in [
+        "patches/mistralrs-core/0099-broken.patch",
+        "patches/fixes/mistralrs-server-core/0099-broken.patch",
+    ] {
+        if let Some(p) = previous.take() {
+            std::fs::remove_file(p).unwrap();
+        }
+        let path = tmp.join(name);
+        std::fs::write(&path, broken).unwrap();
+        previous = Some(path);
+        let out = Command::new("bash")
+            .arg(tmp.join("scripts/prepare-host.sh"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("{name} does not apply")),
+            "{err}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

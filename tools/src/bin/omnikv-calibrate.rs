@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::eval::{
+use omnikv_backend::recall::{plan_score, propose, RecallStats};
+use omnikv_eval::eval::{
     budget_value, load_haystack, machine_description, needle_cases, score, Case,
 };
-use integration_tests::{model_args, root, Server};
-use omnikv_backend::recall::{plan_score, propose, RecallStats};
+use omnikv_eval::{model_args, root, Server};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: omnikv-calibrate [options]
@@ -138,18 +138,18 @@ fn prompts(file: &Option<PathBuf>, lengths: &[usize], depths: &[u32]) -> Result<
             .enumerate()
             .map(|(i, prompt)| Case {
                 id: format!("prompt-{i}"),
-                suite: integration_tests::eval::Suite::Needle,
+                suite: omnikv_eval::eval::Suite::Needle,
                 length: 0,
                 depth: None,
                 prompt,
                 answer: String::new(),
                 distractors: vec![],
                 max_tokens: 0,
-                mode: integration_tests::eval::PromptMode::Chat,
+                mode: omnikv_eval::eval::PromptMode::Chat,
             })
             .collect());
     }
-    let haystack = load_haystack(&integration_tests::eval::haystack_dir())?;
+    let haystack = load_haystack(&omnikv_eval::eval::haystack_dir())?;
     Ok(needle_cases(&haystack, lengths, depths))
 }
 

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::eval::{machine_description, median, Variant};
-use integration_tests::root;
+use omnikv_eval::eval::{machine_description, median, Variant};
+use omnikv_eval::root;
 use serde_json::Value;
 
 const USAGE: &str = "usage: omnikv-bench [options]

@@ -1,5 +1,5 @@
 //! `omnikv-eval`: fidelity of `--kv-cache omnikv` against full attention on
-//! SmolLM2-135M, through the real server (see `integration_tests::eval`).
+//! SmolLM2-135M, through the real server (see `omnikv_eval::eval`).
 //!
 //! ```text
 //! cargo build --workspace
@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::eval::*;
-use integration_tests::root;
+use omnikv_eval::eval::*;
+use omnikv_eval::root;
 use serde_json::Value;
 
 struct Args {
@@ -33,7 +33,7 @@ struct Args {
     /// Prompt modes for 2stage (and benchmark files); `None`: from the config.
     modes: Option<Vec<PromptMode>>,
     bench_files: Vec<PathBuf>,
-    bench_format: Option<integration_tests::bench_format::Format>,
+    bench_format: Option<omnikv_eval::bench_format::Format>,
     max_context_len: usize,
     /// Variants served by servers already running: label -> port.
     targets: BTreeMap<String, u16>,
@@ -61,7 +61,7 @@ const USAGE: &str = "usage: omnikv-eval [options]
                           config's `use_chat_template` and `cot` keys; chat when unset);
                           needle suites always use chat
   --bench-files LIST      LongBench / InfiniteBench JSONL files or directories of them
-                          (published field names; see integration-tests/samples/)
+                          (published field names; see crates/omnikv-eval/samples/)
   --bench-format F        longbench | infinitebench (default: from the path)
   --max-context-len N     middle-truncate benchmark prompts to N tokens (default 7000)
   --targets LIST          VARIANT=PORT,...: use servers already running on 127.0.0.1:PORT
@@ -215,8 +215,8 @@ fn main() -> Result<()> {
                 }
             }
             "bench" => {
-                let gguf = integration_tests::model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-                let tok = integration_tests::bench_format::gguf_tokenizer(&gguf)?;
+                let gguf = omnikv_eval::model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+                let tok = omnikv_eval::bench_format::gguf_tokenizer(&gguf)?;
                 let (bench, s) = bench_cases(
                     &args.bench_files,
                     args.bench_format,
@@ -282,7 +282,7 @@ fn main() -> Result<()> {
             let server = match args.targets.get(&label) {
                 Some(&port) => {
                     bar.set_message(format!("using the server on port {port}"));
-                    integration_tests::Server::attach(port)?
+                    omnikv_eval::Server::attach(port)?
                 }
                 None => {
                     bar.set_message("starting server");
@@ -296,7 +296,7 @@ fn main() -> Result<()> {
                     .ask(c)
                     .with_context(|| format!("{label} on {}:\n{}", c.id, server.log_tail()))?;
                 let metric = samples.get(&c.id).map(|s| {
-                    integration_tests::bench_format::score_sample(s, answer_part(c.mode, &got.text))
+                    omnikv_eval::bench_format::score_sample(s, answer_part(c.mode, &got.text))
                 });
                 let o = Outcome {
                     variant: label.clone(),
@@ -509,7 +509,7 @@ fn render_report(
         }
         md.push('\n');
     }
-    md.push_str("\nAnswers (first 100 characters) are in the cache file next to the command's output; cases are generated deterministically by `integration_tests::eval`.\n");
+    md.push_str("\nAnswers (first 100 characters) are in the cache file next to the command's output; cases are generated deterministically by `omnikv_eval::eval`.\n");
     md
 }
 
@@ -534,7 +534,7 @@ fn render_plots_and_speed(
     variants: &[Variant],
     results: &BTreeMap<String, BTreeMap<String, Outcome>>,
 ) -> Result<String> {
-    use integration_tests::plot::{heatmaps, line_chart, Series};
+    use omnikv_eval::plot::{heatmaps, line_chart, Series};
     let mut md = String::new();
     let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("report");
     let dir = out.parent().unwrap_or(std::path::Path::new("."));

@@ -2,7 +2,7 @@
 //! are deterministic, needles sit where they should, prompts have about the
 //! requested size, and scoring honours whole words and distractors.
 
-use integration_tests::eval::*;
+use omnikv_eval::eval::*;
 
 fn haystack() -> String {
     // A stand-in for the essays: numbered sentences.
@@ -208,9 +208,9 @@ fn prompt_modes() {
 
 #[test]
 fn benchmark_files_become_cases() {
-    let samples = integration_tests::root().join("integration-tests/samples");
-    let gguf = integration_tests::model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let tok = integration_tests::bench_format::gguf_tokenizer(&gguf).unwrap();
+    let samples = omnikv_eval::samples_dir();
+    let gguf = omnikv_eval::model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tok = omnikv_eval::bench_format::gguf_tokenizer(&gguf).unwrap();
     let (cases, by_id) = bench_cases(
         &[
             samples.join("longbench"),
@@ -240,7 +240,7 @@ fn benchmark_files_become_cases() {
         .all(|c| c.id.starts_with("infinitebench/passkey/")));
     // Middle truncation to 100 tokens keeps both ends of a longer prompt.
     for c in &cases {
-        let n = integration_tests::bench_format::count_tokens(&tok, &c.prompt).unwrap();
+        let n = omnikv_eval::bench_format::count_tokens(&tok, &c.prompt).unwrap();
         assert!(n <= 100, "{}: {n} tokens", c.id);
         let full = &by_id[&c.id].prompt;
         let head: String = full.chars().take(20).collect();

@@ -1,8 +1,10 @@
 //! The LongBench / InfiniteBench formats and metrics
-//! (`integration_tests::{bench_format, metrics}`): every metric against
+//! (`omnikv_eval::{bench_format, metrics}`): every metric against
 //! values worked out by hand (the arithmetic is in the comments), the
 //! loaders on every committed sample file and on broken rows, the GGUF
-//! tokenizer against the real server's token counts, and middle truncation.
+//! tokenizer, and middle truncation. The GGUF tokenizer against the real
+//! server's token counts is an end-to-end test
+//! (`integration-tests/tests/gguf_tokenizer.rs`).
 //!
 //! All expected values were also checked against the published Python
 //! (LongBench `metrics.py`, InfiniteBench `compute_scores.py`, with the
@@ -10,11 +12,11 @@
 
 use std::path::{Path, PathBuf};
 
-use integration_tests::bench_format::{
+use omnikv_eval::bench_format::{
     count_tokens, format_template, gguf_tokenizer, load_jsonl, score_sample, truncate_middle,
     Format, Sample,
 };
-use integration_tests::metrics::*;
+use omnikv_eval::metrics::*;
 
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
@@ -29,7 +31,7 @@ fn samples_dir() -> PathBuf {
 }
 
 fn model_path() -> PathBuf {
-    integration_tests::model_dir().join(integration_tests::MODEL_FILE)
+    omnikv_eval::model_dir().join(omnikv_eval::MODEL_FILE)
 }
 
 /// A scratch directory of its own for each test.
@@ -877,43 +879,4 @@ fn truncate_middle_keeps_both_ends() {
         cut.starts_with("开头。") && cut.ends_with("结尾。"),
         "{cut}"
     );
-}
-
-#[test]
-fn gguf_tokenizer_counts_like_the_server() {
-    let tok = gguf_tokenizer(&model_path()).unwrap();
-    // Round trip and the chat control tokens as single special tokens.
-    let text = "The pass key is 48213. Remember it!\n\n  Indented 中文 text (café) don't";
-    let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
-    assert_eq!(tok.decode(&ids, false).unwrap(), text);
-    let chat = tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
-    assert_eq!(chat.get_tokens()[0], "<|im_start|>");
-    assert_eq!(chat.get_ids().len(), 5); // <|im_start|> user \n hi <|im_end|>
-    assert_eq!(tok.decode(chat.get_ids(), true).unwrap(), "user\nhi");
-
-    let samples: Vec<String> = vec![
-        "Hello world".into(),
-        text.into(),
-        load(Format::LongBench, "hotpotqa.jsonl")[0].prompt.clone(),
-        load(Format::LongBench, "multifieldqa_zh.jsonl")[0]
-            .prompt
-            .clone(),
-        load(Format::LongBench, "lcc.jsonl")[0].prompt.clone(),
-        load(Format::InfiniteBench, "kv_retrieval.jsonl")[0]
-            .prompt
-            .clone(),
-    ];
-    let _guard = integration_tests::serial();
-    let server = integration_tests::Server::start("default", &[]).unwrap();
-    for prompt in &samples {
-        let body = serde_json::json!({
-            "model": "default", "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
-        });
-        let (status, reply) = server.post("/v1/completions", &body).unwrap();
-        assert_eq!(status, 200, "{reply}");
-        let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
-        let served = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
-        // SmolLM2's GGUF has add_bos_token = false: the server adds nothing.
-        assert_eq!(count_tokens(&tok, prompt).unwrap(), served, "{prompt:?}");
-    }
 }

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::eval::machine_description;
-use integration_tests::{root, Server};
+use omnikv_eval::eval::machine_description;
+use omnikv_eval::{root, Server};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: omnikv-soak [options]
