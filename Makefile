@@ -52,7 +52,7 @@ eval: build
 AB_ARGS ?= --variants default,omnikv@0.05,omnikv@0.1,omnikv@0.2,h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2 \
   --suites needle,2stage,2needle,bench --needle-lengths 1000,2000 --depths 0,25,50,75,100 \
   --two-stage-sizes 60 --two-stage-per-size 4 --prompt-modes chat,cot --two-needle-lengths 1000 \
-  --bench-files integration-tests/samples/longbench,integration-tests/samples/infinitebench \
+  --bench-files crates/omnikv-eval/samples/longbench,crates/omnikv-eval/samples/infinitebench \
   --title "A/B: OmniKV vs token dropping on SmolLM2-135M-Instruct" \
   --out results/ab.md --cache results/cache/ab.jsonl
 ab: build
@@ -77,4 +77,4 @@ cuda-check:
 	scripts/check-cuda-rust.sh
 
 fmt:
-	$(CARGO) fmt -p omnikv-backend -p integration-tests
+	$(CARGO) fmt -p omnikv-kernels -p omnikv-backend -p omnikv-eval -p omnikv-tools -p integration-tests

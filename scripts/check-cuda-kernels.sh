@@ -24,7 +24,7 @@ archs=${ARCHS:-"80 90"}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
-for cu in "$root"/kernels/*.cu; do
+for cu in "$root"/crates/omnikv-kernels/kernels/*.cu; do
   for a in $archs; do
     if "$nvcc" -std=c++17 -O3 -Xptxas -v -c "${inc[@]}" \
         -gencode "arch=compute_$a,code=sm_$a" "$cu" -o "$out/$(basename "$cu" .cu)-$a.o" \

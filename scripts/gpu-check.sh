@@ -19,6 +19,6 @@ if [ -z "${CUDA_COMPUTE_CAP:-}" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu-device.txt"
 cargo test -p omnikv-backend --features cuda-kernels --test ops 2>&1 | tee "$out/gpu-tests.log"
-cargo build -p integration-tests --features cuda-kernels --bin omnikv-synth
-target/debug/omnikv-synth --device cuda --lengths 8192,32768,131072 --steps 5 \
+cargo bench -p omnikv-backend --features cuda-kernels --profile dev --bench synth -- \
+  --device cuda --lengths 8192,32768,131072 --steps 5 \
   --filter-layers 2 --budget 0.05 --out "$out/synthetic-gpu.md"

@@ -1,5 +1,5 @@
-//! With the `cuda-kernels` feature, compiles `kernels/omnikv_decode.cu` to
-//! PTX (loaded at run time by `ops`). Without it, does nothing.
+//! With the `cuda` feature, compiles `kernels/omnikv_decode.cu` to
+//! PTX (loaded at run time by `cuda`). Without it, does nothing.
 //!
 //! * nvcc: `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`;
 //! * target: `$CUDA_COMPUTE_CAP` (e.g. `90`), else what `nvidia-smi`
@@ -11,15 +11,15 @@ use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=../kernels/omnikv_decode.cu");
+    println!("cargo::rerun-if-changed=kernels/omnikv_decode.cu");
     for var in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "NVCC_APPEND_FLAGS"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
-    if std::env::var_os("CARGO_FEATURE_CUDA_KERNELS").is_none() {
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let source = manifest.join("../kernels/omnikv_decode.cu");
+    let source = manifest.join("kernels/omnikv_decode.cu");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("omnikv_decode.ptx");
     let nvcc = std::env::var("NVCC")
         .ok()
@@ -44,14 +44,14 @@ fn main() {
     }
     let status = cmd.status().unwrap_or_else(|e| {
         panic!(
-            "omnikv-backend: the `cuda-kernels` feature needs nvcc to compile {}; running `{nvcc}` failed: {e}. \
+            "omnikv-kernels: the `cuda` feature needs nvcc to compile {}; running `{nvcc}` failed: {e}. \
              Install the CUDA toolkit, or set NVCC / CUDA_HOME (scripts/check-cuda-kernels.sh installs one from PyPI).",
             source.display()
         )
     });
     if !status.success() {
         panic!(
-            "omnikv-backend: nvcc failed on {} ({status})",
+            "omnikv-kernels: nvcc failed on {} ({status})",
             source.display()
         );
     }

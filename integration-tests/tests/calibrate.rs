@@ -6,8 +6,8 @@
 
 use std::process::Command;
 
-use integration_tests::{root, serial};
-use omnikv_backend::recall::RecallStats;
+use integration_tests::{root, serial, tool_bin};
+use omnikv_backend::omnikv::recall::RecallStats;
 use omnikv_backend::OmniKvConfig;
 
 #[test]
@@ -35,7 +35,7 @@ fn calibration_writes_config_recall_and_heatmap() {
     )
     .unwrap();
     let out = dir.join("tiny.json");
-    let run = Command::new(env!("CARGO_BIN_EXE_omnikv-calibrate"))
+    let run = Command::new(tool_bin("omnikv-calibrate"))
         .args(["--plain-model"])
         .arg(root().join("omnikv-backend/tests/fixtures/tiny-llama31"))
         .args([

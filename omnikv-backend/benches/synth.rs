@@ -1,4 +1,4 @@
-//! `omnikv-synth`: decode-step time of a Llama-3.2-1B-shaped decoder with
+//! The `synth` bench of the backend: decode-step time of a Llama-3.2-1B-shaped decoder with
 //! random weights at long contexts, stock KV-cache backend against OmniKV
 //! (in cache and with `real_offload`), A/B in one run.
 //!
@@ -17,13 +17,13 @@
 //! kernels) as a share of an OmniKV step, and device-tier KV bytes.
 //!
 //! ```text
-//! target/debug/omnikv-synth --lengths 8192,32768,131072 --steps 5
+//! cargo bench --workspace --profile dev --bench synth -- --lengths 8192,32768,131072 --steps 5
 //! ```
 //!
-//! `--device cuda` runs the same on the first GPU (build with `--features
-//! cuda-kernels`, or `cuda` for the host's own CUDA kernels in the stock
+//! `--device cuda` runs the same on the first GPU (with `--features
+//! omnikv-backend/cuda-kernels`, or `cuda` for the host's own CUDA kernels in the stock
 //! variant): weights, caches and queries live there, OmniKV runs the CUDA
-//! kernels (`omnikv_backend::ops`), offload stages through the pinned copy
+//! kernels (`omnikv_kernels::ops`), offload stages through the pinned copy
 //! stream, and every step ends with a device synchronisation before its
 //! time is taken.
 
@@ -33,15 +33,22 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::eval::{machine_description, median};
-use integration_tests::root;
 use mistralrs_core::kv_backend::{
     AttentionInput, DefaultKvCacheBackend, ForwardInfo, ForwardScope, KvCache, KvCacheBackend,
     SdpaParams, SequenceIdsScope,
 };
 use omnikv_backend::{OmniKvBackend, OmniKvConfig};
+use omnikv_eval::eval::{machine_description, median};
 
-const USAGE: &str = "usage: omnikv-synth [options]
+/// The workspace root (results are written relative to it).
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default()
+}
+
+const USAGE: &str = "usage: cargo bench --workspace --profile dev --bench synth -- [options]
   --lengths LIST     context lengths in tokens (default 8192,32768,131072)
   --steps N          decode steps per variant and length (default 5)
   --filter-layers L  OmniKV filter layers (default 2,8)
@@ -210,7 +217,8 @@ fn main() -> Result<()> {
     let mut budget = serde_json::json!(0.1);
     let mut out = root().join("results/synthetic.md");
     let mut device = "cpu".to_string();
-    let mut it = std::env::args().skip(1);
+    // `cargo bench` passes `--bench` to a harness-less bench: not ours.
+    let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(flag) = it.next() {
         let mut value = || {
             it.next()
@@ -239,7 +247,7 @@ fn main() -> Result<()> {
     let dev = match device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0).context(
-            "--device cuda: no CUDA device (build with --features cuda-kernels on a machine with a GPU)",
+            "--device cuda: no CUDA device (run with --features omnikv-backend/cuda-kernels on a machine with a GPU)",
         )?,
         other => bail!("--device must be cpu or cuda, got {other}"),
     };
@@ -256,13 +264,13 @@ fn main() -> Result<()> {
             "cpu_num_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         }))?)
     };
-    let plan = omnikv_backend::plan::LayerPlan::new(&config(false)?, LAYERS)
+    let plan = omnikv_backend::omnikv::plan::LayerPlan::new(&config(false)?, LAYERS)
         .map_err(anyhow::Error::msg)?;
     let sparse_layers: Vec<usize> = (0..LAYERS)
         .filter(|&l| {
             matches!(
                 plan.roles[l],
-                omnikv_backend::plan::LayerRole::Sparse { .. }
+                omnikv_backend::omnikv::plan::LayerRole::Sparse { .. }
             )
         })
         .collect();
@@ -308,7 +316,7 @@ fn main() -> Result<()> {
         // The same backend at a 100% budget: dense attention with this
         // project's kernels (isolates selection from kernel speed).
         let mut dense_cfg = config(false)?;
-        dense_cfg.budget = omnikv_backend::config::TokenBudget::Ratio(1.0);
+        dense_cfg.budget = omnikv_backend::budget::TokenBudget::Ratio(1.0);
         let dense_backend = OmniKvBackend::new(dense_cfg);
         let offload = OmniKvBackend::new(config(true)?);
         let (k3, v3) = (keys.squeeze(0)?, values.squeeze(0)?);
@@ -354,8 +362,8 @@ fn main() -> Result<()> {
         let mut sel_times = Vec::new();
         for _ in 0..steps {
             let t = Instant::now();
-            let scores = omnikv_backend::ops::score_max(&q, &keys3, (HEAD_DIM as f64).powf(-0.5))?;
-            let _ = omnikv_backend::ops::top_k(&scores, budget_rows)?.to_vec1::<u32>()?;
+            let scores = omnikv_kernels::ops::score_max(&q, &keys3, (HEAD_DIM as f64).powf(-0.5))?;
+            let _ = omnikv_kernels::ops::top_k(&scores, budget_rows)?.to_vec1::<u32>()?;
             dev.synchronize()?;
             sel_times.push(t.elapsed().as_secs_f64() * filters as f64);
         }
@@ -391,8 +399,12 @@ fn main() -> Result<()> {
     bar.finish_with_message("done");
 
     let command = format!(
-        "target/debug/omnikv-synth {}",
-        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        "cargo bench --workspace --profile dev --bench synth -- {}",
+        std::env::args()
+            .skip(1)
+            .filter(|a| a != "--bench")
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let mut md = format!(
         "# Synthetic Llama-3.2-1B shape: decode step, stock cache vs OmniKV\n\n\

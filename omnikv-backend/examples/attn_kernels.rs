@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use omnikv_backend::attention::{streaming_attention, tiled_causal_attention};
+use omnikv_backend::attention::{exact_attention, tiled_causal_attention};
 
 fn main() -> candle_core::Result<()> {
     let n: usize = std::env::args()
@@ -27,7 +27,7 @@ fn main() -> candle_core::Result<()> {
             continue;
         }
         let t = Instant::now();
-        streaming_attention(&q, &k, &v, 0.125)?;
+        exact_attention(&q, &k, &v, 0.125)?;
         let exact = t.elapsed().as_secs_f64();
         println!(
             "n={n}: tiled {tiled:.3} s, exact {exact:.3} s, ratio {:.1}x",

@@ -2,24 +2,34 @@
 //! LLMs") as a KV-cache backend for mistral.rs.
 //!
 //! [`register`] adds the `omnikv` KV-cache backend, the token-dropping
-//! baselines `h2o`, `streaming` and `snapkv` ([`evict`]) and the `llama_omnikv`
-//! architecture to the host's registries; the patched `mistralrs` CLI calls it
-//! at start-up, after which `--kv-cache omnikv --kv-cache-config <file.json>`
-//! selects them.
+//! baselines `h2o`, `streaming` and `snapkv` ([`baselines`]) and the
+//! `llama_omnikv` architecture ([`model`]) to the host's registries; the
+//! patched `mistralrs` CLI calls it at start-up, after which `--kv-cache
+//! omnikv --kv-cache-config <file.json>` selects them.
+//!
+//! Modules, in dependency order (each uses only those above it):
+//!
+//! | module | what |
+//! |---|---|
+//! | [`names`], [`accounting`], [`budget`] | registered names, per-sequence release records, token budgets and context limits |
+//! | [`attention`] | the attention kernels of this crate (exact, tiled, accelerator, sparse), over `omnikv_kernels` |
+//! | [`prefill`] | the one place that decides which kernel a prompt pass runs |
+//! | [`omnikv`] | the OmniKV backend: config, layer plan, selectors, tiered store, calibration recorder |
+//! | [`baselines`] | H2O, StreamingLLM and SnapKV: one policy per file over a shared row store |
+//! | [`model`] | `llama_omnikv`: Llama-3/3.1 with llama3 rope scaling, attention through the host's backend trait |
+//!
+//! Backends never import the model; the model reaches them through the
+//! host's `KvCacheBackend` trait. `ARCHITECTURE.md` at the repository root
+//! draws one decode step through these modules.
 
+pub mod accounting;
 pub mod attention;
-pub mod backend;
-pub mod config;
-#[cfg(feature = "cuda-kernels")]
-pub mod cuda_staging;
-pub mod evict;
+pub mod baselines;
+pub mod budget;
 pub mod model;
-pub mod ops;
-pub mod plan;
-pub mod recall;
-pub mod selector;
-pub mod sparse_attention;
-pub mod store;
+pub mod names;
+pub mod omnikv;
+pub mod prefill;
 
 use std::sync::{Arc, Once};
 
@@ -27,13 +37,14 @@ use mistralrs_core::kv_backend::{
     register_architecture, register_kv_cache_backend, KvCacheBackend,
 };
 
-pub use backend::{OmniKvBackend, BACKEND_NAME};
-pub use config::{OmniKvConfig, OmniKvConfigFile};
-pub use evict::{EvictingBackend, EvictionConfig, H2O_NAME, SNAPKV_NAME, STREAMING_NAME};
-pub use model::{LlamaOmniKv, LlamaOmniKvArchitecture, ARCHITECTURE_NAME};
+pub use baselines::{EvictingBackend, EvictionConfig};
+pub use model::{LlamaOmniKv, LlamaOmniKvArchitecture};
+pub use names::{ARCHITECTURE_NAME, BACKEND_NAME, H2O_NAME, SNAPKV_NAME, STREAMING_NAME};
+pub use omnikv::{OmniKvBackend, OmniKvConfig, OmniKvConfigFile};
 
-/// Register the `omnikv` backend and the `llama_omnikv` architecture with the
-/// host. Safe to call more than once.
+/// Register the `omnikv` backend, the baselines and the `llama_omnikv`
+/// architecture with the host. Safe to call more than once (later calls do
+/// nothing).
 pub fn register() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {

@@ -6,8 +6,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::max_abs_diff;
 use omnikv_backend::attention::{
-    exp_nonpositive, reference_attention, streaming_attention, tiled_causal_attention, PREFILL_TILE,
+    exact_attention, matmul_attention, tiled_causal_attention, PREFILL_TILE,
 };
+use omnikv_kernels::cpu::exp_nonpositive;
 
 struct Case {
     head_dim: usize,
@@ -114,9 +115,9 @@ fn chunked_attention_matches_reference() {
         let k = Tensor::randn(0f32, 1.0, (c.batch, c.kv_heads, n, c.head_dim), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (c.batch, c.kv_heads, n, c.head_dim), &dev).unwrap();
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let want = reference_attention(&q, &k, &v, scale).unwrap();
+        let want = matmul_attention(&q, &k, &v, scale).unwrap();
         for (name, got) in [
-            ("streaming", streaming_attention(&q, &k, &v, scale).unwrap()),
+            ("streaming", exact_attention(&q, &k, &v, scale).unwrap()),
             (
                 "tiled prefill",
                 tiled_causal_attention(&q, &k, &v, scale).unwrap(),
@@ -185,9 +186,9 @@ fn decode_reads_strided_half_cache_in_place() {
             .to_dtype(DType::F16)
             .unwrap();
         let scale = 1.0 / (d as f64).sqrt();
-        let got = streaming_attention(&q, &k, &v, scale).unwrap();
+        let got = exact_attention(&q, &k, &v, scale).unwrap();
         let f32c = |t: &Tensor| t.to_dtype(DType::F32).unwrap().contiguous().unwrap();
-        let want = streaming_attention(&q, &f32c(&k), &f32c(&v), scale).unwrap();
+        let want = exact_attention(&q, &f32c(&k), &f32c(&v), scale).unwrap();
         let diff = max_abs_diff(&got, &want);
         assert_eq!(diff, 0.0, "b={b} kv_h={kv_h} g={g} d={d} n={n}");
     }

@@ -13,7 +13,7 @@ use mistralrs_core::kv_backend::{
     AttentionInput, CustomTextModel, ForwardScope, ForwardState, KvCache, KvCacheBackend,
     SequenceIdsScope,
 };
-use omnikv_backend::evict::{causal_attention_mass, rows_to_keep, EvictionPolicy};
+use omnikv_backend::baselines::{causal_attention_mass, rows_to_keep, EvictionPolicy};
 use omnikv_backend::{EvictingBackend, EvictionConfig, OmniKvBackend, OmniKvConfig};
 
 struct Lcg(u64);

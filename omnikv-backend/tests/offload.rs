@@ -92,7 +92,7 @@ fn accounting_adds_up_and_returns_to_zero() {
     // Without offload both layers' rows are in the model cache (device tier).
     assert_eq!(
         stock.total,
-        omnikv_backend::store::TierBytes {
+        omnikv_backend::omnikv::store::TierBytes {
             host: 0,
             device: 2 * total as u64 * row
         }

@@ -1,4 +1,4 @@
-//! The decode-step custom ops (`omnikv_backend::ops`) against plain
+//! The decode-step custom ops (`omnikv_kernels::ops`) against plain
 //! references: their CPU forward passes here, and with the `cuda-kernels`
 //! feature on a machine with a GPU, the CUDA kernels against those CPU
 //! passes (module `cuda` below).
@@ -7,11 +7,11 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use omnikv_backend::attention::{
-    chunked_prompt_attention, device_attention, indexed_decode_attention, reference_attention,
-    streaming_attention,
+    chunked_prompt_attention, device_attention, exact_attention, matmul_attention,
 };
-use omnikv_backend::ops;
-use omnikv_backend::selector::head_max_scores;
+use omnikv_backend::omnikv::selector::head_max_scores;
+use omnikv_kernels::cpu::indexed_decode_attention;
+use omnikv_kernels::ops;
 
 /// `(kv_h, n, d)` keys as the model cache hands them out: a view of the first
 /// `n` rows of a larger preallocated buffer (head stride `cap * d`).
@@ -159,7 +159,7 @@ fn indexed_decode_equals_attention_over_the_gathered_rows() {
                 .unsqueeze(0)
                 .unwrap();
             let q4 = q.reshape((1, h, 1, d)).unwrap();
-            let want = reference_attention(&q4, &gk, &gv, scale)
+            let want = matmul_attention(&q4, &gk, &gv, scale)
                 .unwrap()
                 .reshape((h, d))
                 .unwrap();
@@ -249,7 +249,7 @@ fn device_attention_equals_the_cpu_kernels() {
         )
         .unwrap();
         let got = device_attention(&q, &k, &v, 0.3).unwrap();
-        let want = streaming_attention(&q, &k, &v, 0.3).unwrap();
+        let want = exact_attention(&q, &k, &v, 0.3).unwrap();
         assert_eq!(got.dims(), want.dims());
         let diff = common::max_abs_diff(&got, &want);
         assert!(diff < 1e-5, "b {b} s {s}: {diff}");
@@ -278,7 +278,7 @@ fn device_attention_equals_the_cpu_kernels() {
 #[cfg(feature = "cuda-kernels")]
 mod cuda {
     use super::*;
-    use omnikv_backend::store::{delta_stage, Staged};
+    use omnikv_backend::omnikv::store::{delta_stage, Staged};
 
     fn gpu() -> Device {
         Device::new_cuda(0).expect("the CUDA tests need a GPU")

@@ -1,7 +1,7 @@
 //! Layer plans from `do_select_layers` and `num_wait_load_layers`.
 
-use omnikv_backend::config::OmniKvConfig;
-use omnikv_backend::plan::{LayerPlan, LayerRole};
+use omnikv_backend::omnikv::config::OmniKvConfig;
+use omnikv_backend::omnikv::plan::{LayerPlan, LayerRole};
 use serde_json::json;
 
 fn plan(layers: &str, w: u64, n: usize) -> anyhow::Result<LayerPlan> {

@@ -1,7 +1,7 @@
 //! Inter-layer recall and the filter-layer dynamic program against plain
 //! references written out in the test.
 
-use omnikv_backend::recall::{plan_score, propose, step_recall};
+use omnikv_backend::omnikv::recall::{plan_score, propose, step_recall};
 
 /// Deterministic pseudo-random numbers in [0, 1).
 fn rng(seed: u64) -> impl FnMut() -> f64 {

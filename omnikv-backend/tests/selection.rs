@@ -7,15 +7,27 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope};
-use omnikv_backend::attention::indexed_decode_attention;
-use omnikv_backend::config::SelectorKind;
-use omnikv_backend::selector::{make_selector, select, select_keeping, top_k_sorted, Keep};
-use omnikv_backend::sparse_attention::{
-    attended_rows, gathered_decode_attention, sparse_decode_attention,
-};
+use omnikv_backend::attention::{attended_rows, exact_attention, sparse_decode_attention};
+use omnikv_backend::omnikv::selector::SelectorKind;
+use omnikv_backend::omnikv::selector::{make_selector, select, select_keeping, top_k_sorted, Keep};
 use omnikv_backend::{LlamaOmniKv, OmniKvBackend, OmniKvConfig};
+use omnikv_kernels::cpu::indexed_decode_attention;
 
 mod common;
+
+/// Plain reference of [`sparse_decode_attention`]: copy the rows out of the
+/// `(1, kv_h, n, d)` cache with candle's `index_select`, then attend densely.
+fn gathered_decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rows: &[u32],
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let idx = Tensor::from_slice(rows, rows.len(), k.device())?;
+    let gather = |t: &Tensor| t.contiguous()?.index_select(&idx, 2);
+    exact_attention(q, &gather(k)?, &gather(v)?, scale)
+}
 
 /// Deterministic pseudo-random numbers in [-1, 1).
 fn naive_top_k(scores: &[f32], k: usize) -> Vec<u32> {
@@ -185,11 +197,11 @@ fn fused_scores_match_the_matrix_form() {
         for dtype in [DType::F32, DType::F16] {
             let k = k.to_dtype(dtype).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
-            let got: Vec<f32> = omnikv_backend::ops::score_max(&q, &k, scale)
+            let got: Vec<f32> = omnikv_kernels::ops::score_max(&q, &k, scale)
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let want: Vec<f32> = omnikv_backend::selector::head_max_scores(
+            let want: Vec<f32> = omnikv_backend::omnikv::selector::head_max_scores(
                 &q.unsqueeze(0).unwrap(),
                 &k,
                 scale,

@@ -700,7 +700,21 @@ pub fn machine_description() -> String {
         })
         .map(|kib| kib / (1024.0 * 1024.0))
         .unwrap_or(0.0);
-    format!("{cpu}, {cores} cores, {mem_gib:.0} GiB RAM, no GPU")
+    format!(
+        "{cpu}, {cores} cores, {mem_gib:.0} GiB RAM, no GPU; build: {}",
+        build_profile()
+    )
+}
+
+/// The build the figures were taken with. The workspace has one profile for
+/// the server, the tools and the tests (`dev`, see the root `Cargo.toml`),
+/// so the tool's own build says how the server was built.
+pub fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "dev profile with debug assertions and overflow checks on"
+    } else {
+        "dev profile (opt-level 3 for the host and the OmniKV crates, no debug assertions or overflow checks)"
+    }
 }
 
 /// Default location of the haystack essays.

@@ -2,8 +2,9 @@
 //! binary of this workspace (`target/debug/mistralrs`) on the real model
 //! ([`Server`], killed on drop) or attach to one already running, send it
 //! chat and completion requests over a minimal loopback HTTP/1.1 client
-//! ([`http`], [`Completion`]), and read the backends' release lines from its
-//! log ([`StoreRelease`], [`EvictRelease`]). The tools (`omnikv-eval`,
+//! ([`http`], [`Completion`]), and read the backends' release records
+//! (`omnikv_backend::accounting`) from its log ([`StoreRelease`],
+//! [`EvictRelease`]). The tools (`omnikv-eval`,
 //! `omnikv-bench`, `omnikv-calibrate`, `omnikv-soak`) and the end-to-end
 //! tests share it.
 //!
@@ -17,6 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use omnikv_backend::accounting::ReleaseRecord;
+use omnikv_backend::BACKEND_NAME;
 use serde_json::Value;
 
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -182,8 +185,8 @@ impl Server {
             .context("no VmRSS in /proc/<pid>/status")
     }
 
-    /// The `omnikv store: released sequence ...` log lines so far (one per
-    /// sequence the host dropped, the start-up dummy run included).
+    /// The `omnikv` backend's release records so far (one per sequence the
+    /// host dropped, the start-up dummy run included).
     pub fn store_releases(&self) -> Vec<StoreRelease> {
         self.log_lines(StoreRelease::parse)
     }
@@ -302,57 +305,53 @@ impl Drop for Server {
     }
 }
 
-/// One `omnikv store: released sequence <id> (<host> host tier, <device>
-/// device tier); <n> sequence(s) hold <host> host, <device> device` line.
+/// What an `omnikv` backend released for one sequence: its
+/// [`ReleaseRecord`] (the backend's accounting API, one JSON object per log
+/// line), in bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreRelease {
     pub seq: usize,
-    /// What the sequence held, as logged (for example `1.20 MiB`).
-    pub held_host: String,
-    pub held_device: String,
+    /// Bytes the sequence held in the host and device tiers.
+    pub held_host: u64,
+    pub held_device: u64,
     /// Sequences still holding rows after the release, and their bytes.
     pub remaining: usize,
-    pub remaining_host: String,
-    pub remaining_device: String,
+    pub remaining_host: u64,
+    pub remaining_device: u64,
 }
 
 impl StoreRelease {
+    /// The `omnikv` release record on a log line, if any.
     pub fn parse(line: &str) -> Option<Self> {
-        let rest = line.split("omnikv store: released sequence ").nth(1)?;
-        let (seq, rest) = rest.split_once(" (")?;
-        let (held_host, rest) = rest.split_once(" host tier, ")?;
-        let (held_device, rest) = rest.split_once(" device tier); ")?;
-        let (remaining, rest) = rest.split_once(" sequence(s) hold ")?;
-        let (remaining_host, rest) = rest.split_once(" host, ")?;
-        let remaining_device = rest.trim_end().strip_suffix(" device")?;
+        let r = ReleaseRecord::from_log_line(line).filter(|r| r.backend == BACKEND_NAME)?;
         Some(Self {
-            seq: seq.parse().ok()?,
-            held_host: held_host.into(),
-            held_device: held_device.into(),
-            remaining: remaining.parse().ok()?,
-            remaining_host: remaining_host.into(),
-            remaining_device: remaining_device.into(),
+            seq: r.seq,
+            held_host: r.held_host_bytes,
+            held_device: r.held_device_bytes,
+            remaining: r.live,
+            remaining_host: r.live_host_bytes,
+            remaining_device: r.live_device_bytes,
         })
     }
 
     /// Nothing is held by any sequence after this release.
     pub fn store_empty(&self) -> bool {
-        self.remaining == 0 && self.remaining_host == "0 B" && self.remaining_device == "0 B"
+        self.remaining == 0 && self.remaining_host == 0 && self.remaining_device == 0
     }
 }
 
-/// One `<backend> cache: released sequence <id> (<rows> rows, <bytes>; peak
-/// <rows> rows, <bytes>; <n> positions, a full cache holds <rows> rows); <k>
-/// sequence(s) live` line of the `h2o` and `streaming` backends.
+/// What a token-dropping backend (`h2o`, `streaming`, `snapkv`) released for
+/// one sequence: its [`ReleaseRecord`] with the row counts these backends
+/// report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvictRelease {
     pub backend: String,
     pub seq: usize,
     /// Rows (positions x layers x KV heads) the sequence held at the end.
     pub rows: u64,
-    pub bytes: String,
+    pub bytes: u64,
     pub peak_rows: u64,
-    pub peak_bytes: String,
+    pub peak_bytes: u64,
     /// Positions the sequence saw, and the rows a cache that keeps every
     /// position (the stock cache) holds for them.
     pub positions: u64,
@@ -361,27 +360,19 @@ pub struct EvictRelease {
 }
 
 impl EvictRelease {
+    /// A baseline's release record on a log line, if any.
     pub fn parse(line: &str) -> Option<Self> {
-        let (head, rest) = line.split_once(" cache: released sequence ")?;
-        let backend = head.rsplit(' ').next()?.to_string();
-        let (seq, rest) = rest.split_once(" (")?;
-        let (rows, rest) = rest.split_once(" rows, ")?;
-        let (bytes, rest) = rest.split_once("; peak ")?;
-        let (peak_rows, rest) = rest.split_once(" rows, ")?;
-        let (peak_bytes, rest) = rest.split_once("; ")?;
-        let (positions, rest) = rest.split_once(" positions, a full cache holds ")?;
-        let (full_rows, rest) = rest.split_once(" rows); ")?;
-        let live = rest.split_once(" sequence(s) live")?.0;
+        let r = ReleaseRecord::from_log_line(line).filter(|r| r.backend != BACKEND_NAME)?;
         Some(Self {
-            backend,
-            seq: seq.parse().ok()?,
-            rows: rows.parse().ok()?,
-            bytes: bytes.into(),
-            peak_rows: peak_rows.parse().ok()?,
-            peak_bytes: peak_bytes.into(),
-            positions: positions.parse().ok()?,
-            full_rows: full_rows.parse().ok()?,
-            live: live.parse().ok()?,
+            rows: r.rows?,
+            bytes: r.held_host_bytes,
+            peak_rows: r.peak_rows?,
+            peak_bytes: r.peak_bytes?,
+            positions: r.positions?,
+            full_rows: r.full_rows?,
+            live: r.live,
+            seq: r.seq,
+            backend: r.backend,
         })
     }
 }

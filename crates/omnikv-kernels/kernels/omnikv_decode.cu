@@ -1,17 +1,20 @@
 // OmniKV decode-step kernels (batch-1 decode, one sequence per launch).
 //
-// The CPU implementations in omnikv-backend (attention.rs, selector.rs,
-// store.rs) are the references these kernels are written against:
+// The CPU passes in src/cpu.rs of this crate are the references these
+// kernels are written against (tests/ops.rs of omnikv-backend compares
+// them on a GPU); their argument lists are the table in src/signatures.rs,
+// which a test checks against this file:
 //
-//   omnikv_score_max      fused_head_max_scores: per prompt key, the max over
+//   omnikv_score_max      cpu::score_max_rows: per prompt key, the max over
 //                         query heads of the scaled dot product (`last`)
-//   omnikv_topk_*         top_k_sorted: the k best positions, ascending
+//   omnikv_topk_*         cpu::top_k_sorted: the k best positions, ascending
 //   omnikv_gather_rows    ops::gather_rows: selected rows into a staging
 //                         buffer
-//   omnikv_merge_rows     cuda_staging: delta fetch, the previous staging and
-//                         the newly copied rows merged on the copy stream
-//   omnikv_flash_decode_* indexed_decode_attention: one query over an index
-//                         list, split-K with a log-sum-exp merge
+//   omnikv_merge_rows     the backend's CUDA staging: delta fetch, the
+//                         previous staging and the newly copied rows merged
+//                         on the copy stream
+//   omnikv_flash_decode_* cpu::indexed_decode_attention: one query over an
+//                         index list, split-K with a log-sum-exp merge
 //
 // Layouts (row-major):
 //   q       [h, d]            (f32, contiguous)
@@ -23,7 +26,8 @@
 // preallocated buffer is read in place. Query head `hq` reads KV head
 // `hq / (h / kv_h)`.
 //
-// Compile-checked with scripts/check-cuda-kernels.sh (nvcc from PyPI).
+// Compile-checked with scripts/check-cuda-kernels.sh (nvcc from the CUDA
+// toolkit wheels).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>

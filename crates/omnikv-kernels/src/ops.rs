@@ -1,15 +1,15 @@
 //! OmniKV's decode-step kernels as candle custom ops.
 //!
-//! | op | CPU (`cpu_fwd`, the reference) | CUDA (`cuda_fwd`, `kernels/omnikv_decode.cu`) |
+//! | op | CPU (`cpu_fwd`, the reference) | CUDA (`cuda_fwd`, `kernels/omnikv_decode.cu` of this crate) |
 //! |---|---|---|
 //! | [`score_max`] | fused in-place scoring | `omnikv_score_max_*` |
-//! | [`top_k`] | [`crate::selector::top_k_sorted`] | `omnikv_topk_threshold` + `omnikv_topk_compact` |
+//! | [`top_k`] | [`crate::cpu::top_k_sorted`] | `omnikv_topk_threshold` + `omnikv_topk_compact` |
 //! | [`gather_rows`] | row copies | `omnikv_gather_rows_*` |
-//! | [`indexed_decode`] | the in-place decode tiles of [`crate::attention::indexed_decode_attention`] | `omnikv_flash_decode_split_*` + `omnikv_flash_decode_merge` (split-K, log-sum-exp merge) |
+//! | [`indexed_decode`] | the in-place decode tiles of [`crate::cpu::indexed_decode_attention`] | `omnikv_flash_decode_split_*` + `omnikv_flash_decode_merge` (split-K, log-sum-exp merge) |
 //!
 //! The backend calls these ops on every device, so the CPU tests of the
 //! decode path run through the same op plumbing a GPU uses. The CUDA side
-//! is compiled with the `cuda-kernels` feature (PTX built by `build.rs`).
+//! is compiled with the `cuda` feature (PTX built by `build.rs`).
 //!
 //! Layout contract: keys and values are `(kv_h, n, d)` with contiguous rows
 //! (strides `(hs, d, 1)`, any head stride `hs`), which is how the model
@@ -21,13 +21,10 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
-use crate::attention::{decode_tiles, row_view3, score_max_rows};
+use crate::cpu::{decode_tiles, row_view3, score_max_rows, top_k_sorted};
 
-/// Name of the PTX module in candle's per-device module cache.
-#[cfg(feature = "cuda-kernels")]
-pub(crate) const MODULE: &str = "omnikv_decode";
-#[cfg(feature = "cuda-kernels")]
-pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/omnikv_decode.ptx"));
+#[cfg(feature = "cuda")]
+use crate::cuda;
 
 fn rows_contiguous(l: &Layout) -> bool {
     let (dims, st) = (l.dims(), l.stride());
@@ -92,9 +89,17 @@ fn check_rows(op: &str, rows: &[u32], n: usize) -> Result<()> {
 
 // ------------------------------------------------------------ score max --
 
-/// Selection scores of one query: for each of the `n` keys, the maximum over
-/// query heads of the scaled dot product. `q`: `(h, d)`; `keys`:
-/// `(kv_h, n, d)`. Returns `(n,)` f32.
+/// Selection scores of one query (spec: "Selection at a filter layer", the
+/// `last` selector): for each of the `n` keys, the maximum over query heads
+/// of the scaled dot product, raw logits (no softmax). `q`: `(h, d)` (h query
+/// heads, d head dim, any float dtype, converted to f32); `keys`:
+/// `(kv_h, n, d)` (kv_h KV heads, n cached positions) in f32/f16/bf16.
+/// Returns `(n,)` f32 on `q`'s device.
+///
+/// # Errors
+/// If the shapes are not `(h, d)` and `(kv_h, n, d)` with `h` a multiple of
+/// `kv_h` and equal `d`, the keys are not f32/f16/bf16, or the kernel or a
+/// copy fails on the device.
 pub fn score_max(q: &Tensor, keys: &Tensor, scale: f64) -> Result<Tensor> {
     let (_, _, n, _) = check_query("score_max", q, keys)?;
     float_kv("keys", keys)?;
@@ -135,7 +140,7 @@ impl CustomOp2 for ScoreMax {
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
-    #[cfg(feature = "cuda-kernels")]
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         q: &candle_core::CudaStorage,
@@ -150,8 +155,12 @@ impl CustomOp2 for ScoreMax {
 // ---------------------------------------------------------------- top-k --
 
 /// Positions of the `k` largest of `scores` (`(n,)` f32), ascending, as a
-/// `(min(k, n),)` u32 tensor. Ties go to the earlier position; NaN ranks
-/// lowest.
+/// `(min(k, n),)` u32 tensor on the scores' device. Ties go to the earlier
+/// position; NaN ranks lowest. The top-k step of spec: "Selection at a
+/// filter layer" (the caller clamps `k`).
+///
+/// # Errors
+/// If `scores` is not a 1-D f32 tensor, or the kernel fails on the device.
 pub fn top_k(scores: &Tensor, k: usize) -> Result<Tensor> {
     let n = scores.dims1()?;
     if scores.dtype() != DType::F32 {
@@ -177,12 +186,12 @@ impl CustomOp1 for TopK {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "the scores")?;
-        let idx = crate::selector::top_k_sorted(x, self.k);
+        let idx = top_k_sorted(x, self.k);
         let len = idx.len();
         Ok((CpuStorage::U32(idx), Shape::from(len)))
     }
 
-    #[cfg(feature = "cuda-kernels")]
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         s: &candle_core::CudaStorage,
@@ -194,8 +203,14 @@ impl CustomOp1 for TopK {
 
 // --------------------------------------------------------------- gather --
 
-/// `src[:, rows, :]`: `src` `(kv_h, n, d)`, `rows` `(m,)` u32 below `n`.
-/// Returns a contiguous `(kv_h, m, d)` tensor of `src`'s dtype.
+/// `src[:, rows, :]`: `src` `(kv_h, n, d)` in f32/f16/bf16, `rows` `(m,)`
+/// u32, each below `n`. Returns a contiguous `(kv_h, m, d)` tensor of `src`'s
+/// dtype.
+///
+/// # Errors
+/// If `src` is not rank 3 or not a float dtype, `rows` is not a 1-D u32
+/// tensor, or the kernel fails. The CPU pass also fails on a row `>= n`; the
+/// CUDA kernel does not check, so callers must keep rows below `n`.
 pub fn gather_rows(src: &Tensor, rows: &Tensor) -> Result<Tensor> {
     src.dims3()?;
     float_kv("rows to gather", src)?;
@@ -244,7 +259,7 @@ impl CustomOp2 for GatherRows {
         Ok((out, Shape::from((kv_h, rows.len(), d))))
     }
 
-    #[cfg(feature = "cuda-kernels")]
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         src: &candle_core::CudaStorage,
@@ -265,7 +280,16 @@ impl CustomOp2 for GatherRows {
 /// * `rows`: `(m,)` u32, `m >= 1`, each below `n`, on `q`'s device.
 ///
 /// Returns `(h, d)` f32. On the CPU the result is bit-identical to
-/// [`crate::attention::indexed_decode_attention`] with one part.
+/// [`crate::cpu::indexed_decode_attention`] with one part. This is a sparse
+/// layer's decode step (spec: "Sparse attention") and, over every row, the
+/// dense decode step on accelerators.
+///
+/// # Errors
+/// If `q` and `k` do not fit (see [`score_max`]), `v` differs from `k` in
+/// shape or dtype, the dtype is not f32/f16/bf16, `rows` is not a non-empty
+/// `(m,)` u32 tensor on `q`'s device, or the kernel fails (on CUDA also for
+/// `d > 256`). The CPU pass also fails on a row `>= n`; the CUDA kernel does
+/// not check, so callers must keep rows below `n`.
 pub fn indexed_decode(
     q: &Tensor,
     k: &Tensor,
@@ -353,7 +377,7 @@ impl CustomOp3 for IndexedDecode {
         Ok((CpuStorage::F32(out), Shape::from((h, d))))
     }
 
-    #[cfg(feature = "cuda-kernels")]
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         q: &candle_core::CudaStorage,
@@ -364,257 +388,5 @@ impl CustomOp3 for IndexedDecode {
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::indexed_decode(&self.rows, self.scale, q, ql, k, kl, v, vl)
-    }
-}
-
-/// The CUDA launches of the ops above.
-#[cfg(feature = "cuda-kernels")]
-pub(crate) mod cuda {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-    use candle_core::{DType, Layout, Result, Shape};
-
-    use super::{MODULE, PTX};
-
-    /// Rows of a split of [`indexed_decode`]'s index list.
-    const ROWS_PER_SPLIT: usize = 256;
-    /// Largest head dimension the decode kernel supports (its `MAX_D`).
-    const MAX_D: usize = 256;
-
-    pub(crate) fn func(
-        dev: &CudaDevice,
-        name: &str,
-    ) -> Result<candle_core::cuda::cudarc::driver::CudaFunction> {
-        Ok(dev
-            .get_or_load_custom_func(name, MODULE, PTX)?
-            .into_cuda_function())
-    }
-
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            other => candle_core::bail!("omnikv ops: unsupported dtype {other:?} on CUDA"),
-        })
-    }
-
-    /// The storage's elements from the layout's start offset on.
-    fn view<'a, T: CudaDType + DeviceRepr + candle_core::WithDType>(
-        s: &'a CudaStorage,
-        l: &Layout,
-    ) -> Result<CudaView<'a, T>> {
-        Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-    }
-
-    fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: grid,
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    pub(crate) fn score_max(
-        scale: f32,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        fn run<T: CudaDType + DeviceRepr + candle_core::WithDType>(
-            scale: f32,
-            q: &CudaStorage,
-            ql: &Layout,
-            k: &CudaStorage,
-            kl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let dev = q.device().clone();
-            let (h, d) = ql.shape().dims2()?;
-            let (kv_h, n, _) = kl.shape().dims3()?;
-            let f = func(&dev, &format!("omnikv_score_max_{}", suffix(T::DTYPE)?))?;
-            let qv = view::<f32>(q, ql)?;
-            let kv = view::<T>(k, kl)?;
-            let mut out = dev.alloc_zeros::<f32>(n)?;
-            let (h, kv_h, n32, d, hs) = (
-                h as i32,
-                kv_h as i32,
-                n as i32,
-                d as i32,
-                kl.stride()[0] as i64,
-            );
-            let warps = 8u32;
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(&qv)
-                .arg(&kv)
-                .arg(&mut out)
-                .arg(&h)
-                .arg(&kv_h)
-                .arg(&n32)
-                .arg(&d)
-                .arg(&hs)
-                .arg(&scale);
-            unsafe { b.launch(cfg(((n as u32).div_ceil(warps), 1, 1), 32 * warps)) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
-        }
-        match k.dtype() {
-            DType::F32 => run::<f32>(scale, q, ql, k, kl),
-            DType::F16 => run::<half::f16>(scale, q, ql, k, kl),
-            DType::BF16 => run::<half::bf16>(scale, q, ql, k, kl),
-            other => candle_core::bail!("omnikv score_max: unsupported dtype {other:?}"),
-        }
-    }
-
-    pub(crate) fn top_k(k: usize, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = s.device().clone();
-        let n = l.shape().dims1()?;
-        let scores = view::<f32>(s, l)?;
-        let mut thr = dev.alloc_zeros::<u32>(2)?;
-        let mut out = dev.alloc_zeros::<u32>(k)?;
-        let stream = dev.cuda_stream();
-        let (n32, k32) = (n as i32, k as i32);
-        let threshold = func(&dev, "omnikv_topk_threshold")?;
-        let mut b = stream.launch_builder(&threshold);
-        b.arg(&scores).arg(&n32).arg(&k32).arg(&mut thr);
-        unsafe { b.launch(cfg((1, 1, 1), 1024)) }.w()?;
-        let compact = func(&dev, "omnikv_topk_compact")?;
-        let mut b = stream.launch_builder(&compact);
-        b.arg(&scores).arg(&n32).arg(&thr).arg(&mut out);
-        unsafe { b.launch(cfg((1, 1, 1), 1024)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(k)))
-    }
-
-    pub(crate) fn gather_rows(
-        src: &CudaStorage,
-        sl: &Layout,
-        rows: &CudaStorage,
-        rl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        fn run<T: CudaDType + DeviceRepr + candle_core::WithDType>(
-            src: &CudaStorage,
-            sl: &Layout,
-            rows: &CudaStorage,
-            rl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let dev = src.device().clone();
-            let (kv_h, _n, d) = sl.shape().dims3()?;
-            let m = rl.shape().dims1()?;
-            let f = func(&dev, &format!("omnikv_gather_rows_{}", suffix(T::DTYPE)?))?;
-            let sv = view::<T>(src, sl)?;
-            let rv = view::<u32>(rows, rl)?;
-            let mut out = unsafe { dev.alloc::<T>(kv_h * m * d)? };
-            let (hs, m32, d32) = (sl.stride()[0] as i64, m as i32, d as i32);
-            if m > 0 {
-                let stream = dev.cuda_stream();
-                let mut b = stream.launch_builder(&f);
-                b.arg(&sv)
-                    .arg(&rv)
-                    .arg(&mut out)
-                    .arg(&hs)
-                    .arg(&m32)
-                    .arg(&d32);
-                unsafe { b.launch(cfg((m as u32, kv_h as u32, 1), d.min(256) as u32)) }.w()?;
-            }
-            Ok((
-                CudaStorage::wrap_cuda_slice(out, dev),
-                Shape::from((kv_h, m, d)),
-            ))
-        }
-        match src.dtype() {
-            DType::F32 => run::<f32>(src, sl, rows, rl),
-            DType::F16 => run::<half::f16>(src, sl, rows, rl),
-            DType::BF16 => run::<half::bf16>(src, sl, rows, rl),
-            other => candle_core::bail!("omnikv gather_rows: unsupported dtype {other:?}"),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn indexed_decode(
-        rows: &candle_core::Tensor,
-        scale: f32,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match k.dtype() {
-            DType::F32 => decode_t::<f32>(rows, scale, q, ql, k, kl, v, vl),
-            DType::F16 => decode_t::<half::f16>(rows, scale, q, ql, k, kl, v, vl),
-            DType::BF16 => decode_t::<half::bf16>(rows, scale, q, ql, k, kl, v, vl),
-            other => candle_core::bail!("omnikv indexed_decode: unsupported dtype {other:?}"),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn decode_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
-        rows: &candle_core::Tensor,
-        scale: f32,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (rs, rl) = rows.storage_and_layout();
-        let candle_core::Storage::Cuda(rs) = &*rs else {
-            candle_core::bail!("omnikv indexed_decode: row indices live on another device");
-        };
-        let (h, d) = ql.shape().dims2()?;
-        if d > MAX_D {
-            candle_core::bail!(
-                "omnikv indexed_decode: head dimension {d} is above the CUDA kernel's {MAX_D}"
-            );
-        }
-        let (kv_h, _n, _) = kl.shape().dims3()?;
-        let m = rl.shape().dims1()?;
-        let dev = q.device().clone();
-        let splits = m.div_ceil(ROWS_PER_SPLIT).max(1);
-        let mut part_max = dev.alloc_zeros::<f32>(h * splits)?;
-        let mut part_sum = dev.alloc_zeros::<f32>(h * splits)?;
-        let mut part_acc = dev.alloc_zeros::<f32>(h * splits * d)?;
-        let mut out = dev.alloc_zeros::<f32>(h * d)?;
-        let qv = view::<f32>(q, ql)?;
-        let rv = view::<u32>(rs, rl)?;
-        let (m32, h32, kvh32, d32) = (m as i32, h as i32, kv_h as i32, d as i32);
-        let (khs, vhs) = (kl.stride()[0] as i64, vl.stride()[0] as i64);
-        let (rps, splits32) = (ROWS_PER_SPLIT as i32, splits as i32);
-        let stream = dev.cuda_stream();
-        let split = func(
-            &dev,
-            &format!("omnikv_flash_decode_split_{}", suffix(T::DTYPE)?),
-        )?;
-        let (kv, vv) = (view::<T>(k, kl)?, view::<T>(v, vl)?);
-        let mut b = stream.launch_builder(&split);
-        b.arg(&qv)
-            .arg(&kv)
-            .arg(&vv)
-            .arg(&rv)
-            .arg(&m32)
-            .arg(&h32)
-            .arg(&kvh32)
-            .arg(&khs)
-            .arg(&vhs)
-            .arg(&d32)
-            .arg(&scale)
-            .arg(&rps)
-            .arg(&mut part_max)
-            .arg(&mut part_sum)
-            .arg(&mut part_acc);
-        unsafe { b.launch(cfg((splits as u32, h as u32, 1), 128)) }.w()?;
-        let merge = func(&dev, "omnikv_flash_decode_merge")?;
-        let mut b = stream.launch_builder(&merge);
-        b.arg(&part_max)
-            .arg(&part_sum)
-            .arg(&part_acc)
-            .arg(&splits32)
-            .arg(&d32)
-            .arg(&mut out);
-        unsafe { b.launch(cfg((h as u32, 1, 1), d.min(128) as u32)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((h, d))))
     }
 }

@@ -9,10 +9,9 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::attention::streaming_attention;
-
-/// Rows one sequence attends to: the sorted prompt selection, then every
-/// generated position `prompt_len .. n`.
+/// Rows one sequence attends to: the sorted prompt selection (positions
+/// below `prompt_len`), then every generated position `prompt_len .. n`.
+/// Rows are cache positions (tokens).
 pub fn attended_rows(selection: &[u32], prompt_len: usize, n: usize) -> Vec<u32> {
     let mut rows = Vec::with_capacity(selection.len() + n.saturating_sub(prompt_len));
     rows.extend_from_slice(selection);
@@ -20,14 +19,23 @@ pub fn attended_rows(selection: &[u32], prompt_len: usize, n: usize) -> Vec<u32>
     rows
 }
 
+/// A sparse layer's decode step for one sequence (spec: "Sparse attention"):
+/// the query attends to the chosen rows of its own cache only.
+///
 /// * `q`: `(1, h, 1, d)`, one sequence's current query;
 /// * `k`, `v`: `(1, kv_h, n, d)`, that sequence's whole cache;
 /// * `rows`: ascending cache rows to attend (see [`attended_rows`]).
 ///
-/// Returns `(1, h, 1, d)`. The softmax runs over the attended rows only. The
-/// rows are read in place from the cache through [`crate::ops::indexed_decode`]:
-/// on the CPU, blocks of rows in parallel, bit-identical to
-/// [`gathered_decode_attention`]; on CUDA, split-K flash decoding.
+/// Returns `(1, h, 1, d)` in `q`'s dtype. The softmax runs over the
+/// attended rows only. The rows are read in place from the cache through
+/// [`omnikv_kernels::ops::indexed_decode`]: on the CPU, blocks of rows in
+/// parallel, bit-identical to gathering the rows and running
+/// [`super::exact_attention`]; on CUDA, split-K flash decoding.
+///
+/// # Errors
+/// If the shapes are not one sequence's decode step, `rows` is empty, or
+/// the kernel fails; on the CPU also if a row is beyond the cache (the CUDA
+/// kernel does not check: rows must be below `n`).
 pub fn sparse_decode_attention(
     q: &Tensor,
     k: &Tensor,
@@ -45,7 +53,7 @@ pub fn sparse_decode_attention(
         );
     }
     let idx = Tensor::from_slice(rows, rows.len(), q.device())?;
-    let out = crate::ops::indexed_decode(
+    let out = omnikv_kernels::ops::indexed_decode(
         &q.reshape((h, d))?,
         &k.squeeze(0)?,
         &v.squeeze(0)?,
@@ -53,36 +61,4 @@ pub fn sparse_decode_attention(
         scale,
     )?;
     out.reshape((1, h, 1, d))?.to_dtype(q.dtype())
-}
-
-/// Plain reference of [`sparse_decode_attention`]: copy the rows, then
-/// attend densely.
-pub fn gathered_decode_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    rows: &[u32],
-    scale: f64,
-) -> Result<Tensor> {
-    let idx = Tensor::from_slice(rows, rows.len(), k.device())?;
-    streaming_attention(q, &gather_rows(k, &idx)?, &gather_rows(v, &idx)?, scale)
-}
-
-/// `(1, kv_h, n, d)` -> `(1, kv_h, rows, d)`. The cache hands out a view of
-/// its preallocated buffer; each head's `(n, d)` block of it is contiguous,
-/// so rows are gathered head by head without copying the whole cache.
-pub fn gather_rows(t: &Tensor, idx: &Tensor) -> Result<Tensor> {
-    let t = t.squeeze(0)?;
-    let heads = (0..t.dim(0)?)
-        .map(|h| {
-            let block = t.get(h)?;
-            let block = if block.is_contiguous() {
-                block
-            } else {
-                block.contiguous()?
-            };
-            block.index_select(idx, 0)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::stack(&heads, 0)?.unsqueeze(0)
 }

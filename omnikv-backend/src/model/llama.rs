@@ -25,31 +25,51 @@ use mistralrs_core::kv_backend::{
 };
 use serde::Deserialize;
 
+use crate::attention::causal_mask;
+use crate::prefill::FAST_PREFILL_MIN_TOKENS;
+
 // ---------------------------------------------------------------- config ---
 
-/// Llama 3.1 (`rope_type: "llama3"`) rope scaling parameters.
+/// Llama 3.1 (`rope_type: "llama3"`) rope scaling parameters (spec: "Llama
+/// 3.1 rope scaling ("llama3" rope type)"; Llama-3.1: 8, 1, 4, 8192).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Llama3RopeScaling {
+    /// Divisor of the low frequencies.
     pub factor: f32,
+    /// Wavelengths above `O / low_freq_factor` are divided by `factor`.
     pub low_freq_factor: f32,
+    /// Wavelengths below `O / high_freq_factor` are kept.
     pub high_freq_factor: f32,
+    /// `O`, the context length (tokens) the model was pre-trained with.
     pub original_max_position_embeddings: usize,
 }
 
 /// Model hyper-parameters (the fields of an HF `config.json` we need).
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Tokens in the vocabulary (rows of the embedding).
     pub vocab_size: usize,
+    /// `L`, the number of decoder layers.
     pub num_hidden_layers: usize,
+    /// `h`, query heads per layer.
     pub num_attention_heads: usize,
+    /// `kv_h`, KV heads per layer (GQA); `None` means `h`.
     pub num_key_value_heads: Option<usize>,
+    /// `d`, the head dimension; `None` means `hidden_size / h`.
     pub head_dim: Option<usize>,
+    /// Epsilon of the RMS norms.
     pub rms_norm_eps: f64,
+    /// RoPE base `theta` (default 10,000).
     pub rope_theta: f32,
+    /// Longest context in tokens: the rotary tables and the KV cache size.
     pub max_position_embeddings: usize,
+    /// llama3 rope scaling, if the checkpoint uses it.
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// The output projection reuses the token embedding.
     pub tie_word_embeddings: bool,
 }
 
@@ -75,6 +95,12 @@ struct HfConfig {
 }
 
 impl LlamaConfig {
+    /// Read an HF `config.json` (transformers < 5 and >= 5 layouts).
+    ///
+    /// # Errors
+    /// If the text is not a Llama config, `hidden_act` is not `silu`, or the
+    /// rope scaling type is neither `default` nor `llama3` (or its
+    /// parameters are malformed).
     pub fn from_hf_json(text: &str) -> anyhow::Result<Self> {
         let raw: HfConfig =
             serde_json::from_str(text).context("config.json is not a Llama config")?;
@@ -133,10 +159,15 @@ impl LlamaConfig {
         })
     }
 
+    /// `kv_h`: KV heads per layer.
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// `d`: the head dimension.
+    ///
+    /// # Panics
+    /// If `head_dim` is unset and `num_attention_heads` is 0.
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
@@ -145,9 +176,10 @@ impl LlamaConfig {
 
 // ------------------------------------------------------------------ rope ---
 
-/// Inverse frequencies `theta^(-2i/d)`, adjusted by llama3 rope scaling when
-/// given (see the spec: low frequencies divided by `factor`, high ones kept,
-/// a smooth blend in between).
+/// Inverse frequencies `theta^(-2i/d)`, `head_dim / 2` of them, adjusted by
+/// llama3 rope scaling when given (spec: "Llama 3.1 rope scaling ("llama3"
+/// rope type)": low frequencies divided by `factor`, high ones kept, a smooth
+/// blend in between).
 pub fn llama3_inv_freq(
     theta: f32,
     head_dim: usize,
@@ -190,6 +222,12 @@ pub struct Rotary {
 }
 
 impl Rotary {
+    /// Tables for positions `0 .. max_positions` from `inv_freq`
+    /// (`head_dim / 2` values), in `dtype` on `device`; `interleaved` rotates
+    /// adjacent pairs (GGUF) instead of halves (HF).
+    ///
+    /// # Errors
+    /// If a tensor cannot be created or converted on `device`.
     pub fn new(
         inv_freq: &[f32],
         max_positions: usize,
@@ -221,9 +259,13 @@ impl Rotary {
 
     /// Rotate `q` `(b, h, s, d)` and `k` `(b, kv_h, s, d)`; sequence `i` of the
     /// batch starts at position `offsets[i]`.
+    ///
+    /// # Errors
+    /// If `offsets` does not hold one offset per sequence, a position reaches
+    /// `max_positions`, or the rotation fails (an empty batch is refused).
     pub fn apply(&self, q: &Tensor, k: &Tensor, offsets: &[usize]) -> Result<(Tensor, Tensor)> {
         let (b, _, s, _) = q.dims4()?;
-        if offsets.len() != b {
+        if offsets.len() != b || b == 0 {
             candle_core::bail!("{} position offsets for a batch of {b}", offsets.len());
         }
         if let Some(&last) = offsets.iter().max() {
@@ -285,10 +327,6 @@ impl Linear {
         }
     }
 }
-
-/// Prompt passes of at least this many tokens take the fast prefill kernels
-/// (when configured); shorter ones cost little and keep the stock arithmetic.
-pub const FAST_PREFILL_MIN_TOKENS: usize = 64;
 
 struct Attention {
     q_proj: Linear,
@@ -399,10 +437,14 @@ impl Block {
 /// Where the weights come from; decides the rotary layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
+    /// An HF safetensors directory: rotate halves (`rope`).
     HfSafetensors,
+    /// A GGUF file: rotate adjacent pairs (`rope_i`).
     Gguf,
 }
 
+/// The `llama_omnikv` model: weights, the host's per-layer KV cache, and the
+/// KV-cache backend every attention call goes through.
 pub struct LlamaOmniKv {
     embed_tokens: Embedding,
     blocks: Vec<Block>,
@@ -450,7 +492,13 @@ fn check_shape(cfg: &LlamaConfig) -> anyhow::Result<()> {
 }
 
 impl LlamaOmniKv {
-    /// Load an HF checkpoint: `config.json` text plus its safetensors files.
+    /// Load an HF checkpoint: `config.json` text plus its safetensors files,
+    /// weights in `dtype` on `device`, attention through `backend`.
+    ///
+    /// # Errors
+    /// If the config is not supported (see [`LlamaConfig::from_hf_json`]),
+    /// the head shapes do not fit, or a file or weight is missing or
+    /// malformed.
     pub fn load_hf(
         config_json: &str,
         safetensors: &[PathBuf],
@@ -550,7 +598,16 @@ impl LlamaOmniKv {
         })
     }
 
-    /// Load a single-file GGUF model of architecture `llama`.
+    /// Load a single-file GGUF model of architecture `llama`: weights stay
+    /// quantized, the residual stream is f32 and attention runs in `dtype`.
+    /// With the fast prefill kernel, f32 copies of the projections are kept
+    /// too.
+    ///
+    /// # Errors
+    /// If there is not exactly one file, it is not a `llama` GGUF, metadata
+    /// or a tensor is missing, the head shapes do not fit, or
+    /// `rope_freqs.weight` has the wrong length (a `head_count` of 0
+    /// included).
     pub fn load_gguf(
         files: &[PathBuf],
         dtype: DType,
@@ -585,6 +642,9 @@ impl LlamaOmniKv {
         let num_heads = get_u32("attention.head_count")?;
         let num_kv_heads = get_u32("attention.head_count_kv").unwrap_or(num_heads);
         let hidden = get_u32("embedding_length")?;
+        if num_heads == 0 {
+            anyhow::bail!("GGUF metadata `llama.attention.head_count` is 0: the file is not a usable Llama model");
+        }
         let head_dim = get_u32("attention.key_length").unwrap_or(hidden / num_heads);
         let max_seq_len = get_u32("context_length").unwrap_or(4096);
         let rope_theta = md("rope.freq_base")
@@ -645,7 +705,7 @@ impl LlamaOmniKv {
             })
         };
         let final_norm = norm("output_norm.weight")?;
-        let fast_prefill = super::fast_prefill(&*backend);
+        let fast_prefill = super::prefill_kernel(&*backend) == crate::prefill::PrefillKernel::Fast;
         let mut prefill_bytes = 0usize;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -723,15 +783,20 @@ impl LlamaOmniKv {
         })
     }
 
+    /// The model's hyper-parameters.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
 
+    /// `L`, the number of decoder layers.
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
     }
 
     /// Clear the KV cache (for direct use outside the host pipeline).
+    ///
+    /// # Panics
+    /// If the cache's lock was poisoned by a panic during a forward pass.
     pub fn reset_cache(&self) {
         for c in self.cache.normal().0.iter_mut() {
             c.reset();
@@ -748,6 +813,14 @@ impl LlamaOmniKv {
     /// would change them. Such a pass is replayed as a prompt pass over the
     /// prompt followed by one decode step per generated token, which gives
     /// exactly the cache and logits the sequence had.
+    ///
+    /// # Errors
+    /// If the backend refuses the pass, positions exceed the model's context,
+    /// or a tensor operation fails.
+    ///
+    /// # Panics
+    /// If the cache's lock was poisoned by a panic during an earlier pass
+    /// (the host's `EitherCache::normal` unwraps it).
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -755,6 +828,12 @@ impl LlamaOmniKv {
         context_lens: Vec<(usize, usize)>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
+        if offsets.len() != b {
+            candle_core::bail!(
+                "llama_omnikv: a batch of {b} sequences came with {} position offsets",
+                offsets.len()
+            );
+        }
         let prompt_lens = mistralrs_core::kv_backend::current_prompt_lens();
         if let (1, Some([p])) = (b, prompt_lens.as_deref()) {
             let (off, p) = (offsets[0], *p);
@@ -773,7 +852,12 @@ impl LlamaOmniKv {
                         vec![(0, 1)],
                     )?);
                 }
-                return Ok(last.expect("at least one generated position"));
+                // `split < s`, so the loop ran at least once.
+                return last.ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "llama_omnikv: a pass of {s} tokens split at {split} produced no logits"
+                    ))
+                });
             }
         }
         self.forward_pass(input_ids, offsets, context_lens)
@@ -793,7 +877,7 @@ impl LlamaOmniKv {
         let mut cache = self.cache.normal();
         let mask = if s > 1 {
             let past = cache.0.first().map(KvCache::current_seq_len).unwrap_or(0);
-            Some(crate::attention::causal_mask(s, past, &self.device)?.to_dtype(self.attn_dtype)?)
+            Some(causal_mask(s, past, &self.device)?.to_dtype(self.attn_dtype)?)
         } else {
             None
         };

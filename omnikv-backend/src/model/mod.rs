@@ -10,33 +10,39 @@ use mistralrs_core::kv_backend::{
 
 pub use llama::{llama3_inv_freq, Llama3RopeScaling, LlamaConfig, LlamaOmniKv};
 
-use crate::backend::OmniKvBackend;
+use crate::baselines::EvictingBackend;
+use crate::omnikv::{LayerPlan, OmniKvBackend};
+use crate::prefill::PrefillKernel;
 
-/// Name under which the architecture is registered with the host.
-pub const ARCHITECTURE_NAME: &str = "llama_omnikv";
+pub use crate::names::ARCHITECTURE_NAME;
 
 /// Llama-3/3.1 for OmniKV, loadable from GGUF (`general.architecture =
 /// llama`) and from HF safetensors directories.
 #[derive(Debug, Default)]
 pub struct LlamaOmniKvArchitecture;
 
-/// Whether the backend asked for the fast prefill kernels (f32 copies of the
-/// quantized weights for prompt passes).
-pub(crate) fn fast_prefill(backend: &dyn KvCacheBackend) -> bool {
-    use crate::config::PrefillKernel::Fast;
+/// The prefill kernel the backend asked for: [`PrefillKernel::Fast`] makes
+/// the model keep f32 copies of quantized projection weights for prompt
+/// passes. Backends of other crates (and the host's default) get the stock
+/// arithmetic. The only place the model looks at a backend's concrete type:
+/// the host trait carries no prefill preference, and this crate's backends
+/// are recognised through `KvCacheBackend::as_any`.
+pub(crate) fn prefill_kernel(backend: &dyn KvCacheBackend) -> PrefillKernel {
     let any = backend.as_any();
-    any.downcast_ref::<OmniKvBackend>()
-        .is_some_and(|b| b.config().prefill == Fast)
-        || any
-            .downcast_ref::<crate::evict::EvictingBackend>()
-            .is_some_and(|b| b.config().prefill == Fast)
+    if let Some(b) = any.downcast_ref::<OmniKvBackend>() {
+        b.config().prefill
+    } else if let Some(b) = any.downcast_ref::<EvictingBackend>() {
+        b.config().prefill
+    } else {
+        PrefillKernel::Exact
+    }
 }
 
 /// Reject a backend configuration that does not fit the model, at load time
 /// rather than on the first request.
 fn check_backend(backend: &Arc<dyn KvCacheBackend>, num_layers: usize) -> anyhow::Result<()> {
     if let Some(omnikv) = backend.as_any().downcast_ref::<OmniKvBackend>() {
-        crate::plan::LayerPlan::new(omnikv.config(), num_layers)?;
+        LayerPlan::new(omnikv.config(), num_layers)?;
     }
     Ok(())
 }

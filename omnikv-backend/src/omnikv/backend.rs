@@ -2,13 +2,14 @@
 //!
 //! Every attention call of a model goes through [`OmniKvBackend::attention`]:
 //! - prompt passes attend densely in every layer (the first generated token
-//!   comes from full attention);
+//!   comes from full attention; spec: "Prefill");
 //! - on decode steps, a filter layer scores the prompt positions with its
 //!   current query (and, for window selectors, its recent queries), keeps the
 //!   top-k, and hands the sorted index set to the sparse layers it serves
 //!   through the per-pass state; dense layers (pre-filter, filter, wait-load)
 //!   attend to everything; sparse layers attend to the selection plus all
-//!   generated tokens.
+//!   generated tokens (spec: "Layer roles", "Selection at a filter layer",
+//!   "Sparse attention").
 //!
 //! No row is ever dropped from the cache. Per-sequence facts (prompt length,
 //! past queries of window selectors) live in the host's cache tensors, so the
@@ -21,17 +22,21 @@ use mistralrs_core::kv_backend::{
     AttentionInput, ForwardInfo, ForwardState, KvCache, KvCacheBackend,
 };
 
-use crate::attention::{streaming_attention as dense_attention, tiled_causal_attention};
-use crate::config::{OmniKvConfig, PrefillKernel, RequestOverride, TokenBudget};
-use crate::plan::{LayerPlan, LayerRole};
-use crate::recall::{head_max_distribution, step_recall, Recorder};
-use crate::selector::{make_selector, select_keeping, Selector};
-use crate::sparse_attention::{attended_rows, sparse_decode_attention};
-use crate::store::{Bytes, StoreUsage, TieredStore};
+use super::config::{OmniKvConfig, RequestOverride};
+use super::plan::{LayerPlan, LayerRole};
+use super::recall::{head_max_distribution, step_recall, Recorder};
+use super::selector::{make_selector, select_keeping, Selector};
+use super::store::{Bytes, StoreUsage, TieredStore};
+use crate::accounting::ReleaseRecord;
+use crate::attention::{attended_rows, exact_attention, sparse_decode_attention};
+use crate::budget::TokenBudget;
+use crate::prefill::dense_attention;
 
 /// Name under which the backend is registered with the host.
-pub const BACKEND_NAME: &str = "omnikv";
+pub use crate::names::BACKEND_NAME;
 
+/// The `omnikv` KV-cache backend: one per server, shared by all sequences.
+/// Clones share the configuration, layer plan, store and gather workers.
 #[derive(Debug, Clone)]
 pub struct OmniKvBackend {
     config: Arc<OmniKvConfig>,
@@ -48,7 +53,7 @@ pub struct OmniKvBackend {
 
 /// A staging job started at a filter layer for one sparse layer and one
 /// sequence.
-type Prefetch = std::sync::mpsc::Receiver<Result<crate::store::Staged>>;
+type Prefetch = std::sync::mpsc::Receiver<Result<super::store::Staged>>;
 
 /// State of one forward pass.
 pub struct Step {
@@ -72,6 +77,8 @@ pub struct Step {
 }
 
 impl OmniKvBackend {
+    /// A backend for a validated `config`. The layer plan is built on the
+    /// first pass (or checked at model load), when the layer count is known.
     pub fn new(config: OmniKvConfig) -> Self {
         let selector: Arc<dyn Selector> =
             Arc::from(make_selector(config.selector, config.window_size));
@@ -145,11 +152,12 @@ impl OmniKvBackend {
     }
 
     /// Bytes held per tier, per sequence and in total (see
-    /// [`crate::store`]).
+    /// [`super::store`]).
     pub fn store_usage(&self) -> StoreUsage {
         self.store.usage()
     }
 
+    /// The validated configuration.
     pub fn config(&self) -> &OmniKvConfig {
         &self.config
     }
@@ -240,7 +248,7 @@ impl OmniKvBackend {
 
 impl OmniKvBackend {
     /// A sparse layer with `real_offload`: its rows live in the tiered store,
-    /// not in the model cache (see [`crate::store`]).
+    /// not in the model cache (see [`super::store`]).
     fn offloaded_attention(
         &self,
         input: &AttentionInput<'_>,
@@ -252,7 +260,7 @@ impl OmniKvBackend {
         let Some(ids) = step.seq_ids.as_ref() else {
             candle_core::bail!("omnikv: `real_offload` without sequence ids");
         };
-        let (b, _h, s, _d) = input.q.dims4()?;
+        let (b, _h, _s, _d) = input.q.dims4()?;
         let device = input.q.device();
         for i in 0..b {
             self.store.append(
@@ -265,15 +273,9 @@ impl OmniKvBackend {
             )?;
         }
         if !step.sparse {
-            let fast = s >= crate::model::llama::FAST_PREFILL_MIN_TOKENS
-                && self.config.prefill == PrefillKernel::Fast;
-            let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
-                if fast {
-                    tiled_causal_attention(q, k, v, scale)
-                } else {
-                    dense_attention(q, k, v, scale)
-                }
-            };
+            let kernel = self.config.prefill;
+            let attend =
+                |q: &Tensor, k: &Tensor, v: &Tensor| dense_attention(kernel, q, k, v, scale);
             if step.offsets.iter().all(|&o| o == 0) {
                 return attend(input.q, input.k, input.v);
             }
@@ -308,7 +310,7 @@ impl OmniKvBackend {
             } else {
                 self.store.gather(ids[i], layer, sel, device)?
             };
-            outs.push(dense_attention(&qi, &k, &v, scale)?);
+            outs.push(exact_attention(&qi, &k, &v, scale)?);
         }
         Tensor::cat(&outs, 0)
     }
@@ -324,7 +326,7 @@ impl KvCacheBackend for OmniKvBackend {
         prompt_len: usize,
         max_new_tokens: Option<usize>,
     ) -> anyhow::Result<()> {
-        crate::config::check_context_len(
+        crate::budget::check_context_len(
             BACKEND_NAME,
             self.config.max_context_len,
             prompt_len,
@@ -348,6 +350,17 @@ impl KvCacheBackend for OmniKvBackend {
                 Bytes(now.total.host),
                 Bytes(now.total.device)
             );
+            ReleaseRecord {
+                backend: BACKEND_NAME.into(),
+                seq: seq_id,
+                held_host_bytes: held.host,
+                held_device_bytes: held.device,
+                live: now.sequences,
+                live_host_bytes: now.total.host,
+                live_device_bytes: now.total.device,
+                ..Default::default()
+            }
+            .log();
             if now.staged_rows > 0 {
                 tracing::info!(
                     "omnikv store: delta fetch moved {} of {} staged prompt rows so far ({:.1}% reused from the previous step)",
@@ -369,11 +382,20 @@ impl KvCacheBackend for OmniKvBackend {
     }
 
     fn model_architecture(&self) -> Option<&str> {
-        Some(crate::model::ARCHITECTURE_NAME)
+        Some(crate::names::ARCHITECTURE_NAME)
     }
 
     fn begin_forward(&self, info: &ForwardInfo<'_>) -> Result<ForwardState> {
         self.plan(info.num_layers)?;
+        let b = info.batch_size;
+        if info.seqlen_offsets.len() != b || info.prompt_lens.as_ref().is_some_and(|l| l.len() != b)
+        {
+            candle_core::bail!(
+                "omnikv: a pass of {b} sequences came with {} offsets and prompt lengths {:?}; the host must report one of each per sequence",
+                info.seqlen_offsets.len(),
+                info.prompt_lens
+            );
+        }
         tracing::trace!(
             "omnikv pass: batch {} x {} tokens, offsets {:?}, prompt lengths {:?}, sequences {:?}",
             info.batch_size,
@@ -437,9 +459,21 @@ impl KvCacheBackend for OmniKvBackend {
         };
         let plan = self.plan(step.selections.len())?;
         let layer = input.layer_idx;
-        let role = plan.roles[layer];
+        let Some(&role) = plan.roles.get(layer) else {
+            candle_core::bail!(
+                "omnikv: attention for layer {layer}, but the pass was started for {} layers",
+                plan.roles.len()
+            );
+        };
         let scale = input.sdpa_params.softmax_scale as f64;
         let (b, _h, _s, d) = input.q.dims4()?;
+        // Every per-sequence vector of the step is indexed by batch row below.
+        if b != step.offsets.len() {
+            candle_core::bail!(
+                "omnikv: layer {layer} got a batch of {b} sequences, but the pass was started for {}",
+                step.offsets.len()
+            );
+        }
         let kv_h = input.k.dim(1)?;
 
         if let (true, LayerRole::Sparse { filter }) = (self.config.real_offload, role) {
@@ -469,17 +503,12 @@ impl KvCacheBackend for OmniKvBackend {
         }
 
         if !step.sparse {
-            if input.q.dim(2)? >= crate::model::llama::FAST_PREFILL_MIN_TOKENS
-                && self.config.prefill == PrefillKernel::Fast
-            {
-                return tiled_causal_attention(input.q, &k, &v, scale);
-            }
-            return dense_attention(input.q, &k, &v, scale);
+            return dense_attention(self.config.prefill, input.q, &k, &v, scale);
         }
         let n = k.dim(2)?;
         if let Some(recorder) = &self.recorder {
             self.record(recorder, step, input, &k, layer, scale)?;
-            return dense_attention(input.q, &k, &v, scale);
+            return exact_attention(input.q, &k, &v, scale);
         }
         match role {
             LayerRole::Filter => {
@@ -527,7 +556,7 @@ impl KvCacheBackend for OmniKvBackend {
                 if self.config.real_offload {
                     self.start_prefetch(step, plan, layer, input.q.device())?;
                 }
-                dense_attention(input.q, &k, &v, scale)
+                exact_attention(input.q, &k, &v, scale)
             }
             LayerRole::Sparse { filter } => {
                 let Some(selection) = step.selections[filter].as_ref() else {
@@ -543,7 +572,7 @@ impl KvCacheBackend for OmniKvBackend {
                     );
                     if sel.len() >= p {
                         // The budget covers the whole prompt: plain dense attention.
-                        outs.push(dense_attention(&qi, &ki, &vi, scale)?);
+                        outs.push(exact_attention(&qi, &ki, &vi, scale)?);
                     } else {
                         outs.push(sparse_decode_attention(
                             &qi,
@@ -557,7 +586,7 @@ impl KvCacheBackend for OmniKvBackend {
                 Tensor::cat(&outs, 0)
             }
             LayerRole::PreFilterDense | LayerRole::WaitLoad { .. } => {
-                dense_attention(input.q, &k, &v, scale)
+                exact_attention(input.q, &k, &v, scale)
             }
         }
     }

@@ -3,7 +3,9 @@
 //!
 //! Every problem in a file is reported at once, each naming the key, the bad
 //! value and what is allowed (unknown keys included), so a user fixes a config
-//! in one round trip.
+//! in one round trip. The keys and their published defaults are the spec's
+//! "Configuration keys (published JSON schema)"; keys outside it are marked
+//! as such. Also [`RequestOverride`], the per-request `kv_cache` options.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -11,82 +13,48 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::path::Path;
 
-/// Token budget of a filter layer: a count or a fraction of the prompt.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum TokenBudget {
-    /// Keep exactly this many prompt tokens (clamped to the prompt length).
-    Count(usize),
-    /// Keep `floor(ratio * prompt_len)` prompt tokens, ratio in (0, 1].
-    Ratio(f64),
-}
-
-impl TokenBudget {
-    /// Number of prompt tokens to keep for a prompt of `prompt_len` tokens,
-    /// clamped to `[1, prompt_len]` (0 only for an empty prompt).
-    pub fn tokens_for(&self, prompt_len: usize) -> usize {
-        if prompt_len == 0 {
-            return 0;
-        }
-        let k = match *self {
-            TokenBudget::Count(n) => n,
-            TokenBudget::Ratio(r) => (r * prompt_len as f64).floor() as usize,
-        };
-        k.clamp(1, prompt_len)
-    }
-}
-
-/// Token scoring rule at a filter layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SelectorKind {
-    Last,
-    SoftmaxBeforeLast,
-    Uniform,
-    Exp,
-}
-
-impl SelectorKind {
-    pub const ALLOWED: &'static str = "\"last\", \"softmax_before_last\", \"uniform\", \"exp\"";
-}
-
-/// How prompt passes compute (not in the published schema).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrefillKernel {
-    /// Tiled attention on matrix products and f32 copies of quantized
-    /// weights: an order of magnitude faster on CPU, equal to the stock
-    /// arithmetic up to float rounding.
-    Fast,
-    /// The stock kernels' arithmetic, bit for bit (quantized matmuls and the
-    /// host's per-pair attention loop).
-    Exact,
-}
-
-impl PrefillKernel {
-    pub const ALLOWED: &'static str = "\"fast\", \"exact\"";
-}
+use super::selector::{Keep, SelectorKind};
+pub use crate::budget::{check_context_len, TokenBudget};
+pub use crate::prefill::PrefillKernel;
 
 /// The JSON file as published (`configs/example.json`), every key optional
 /// here so that missing, mistyped and unknown keys can all be reported.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct OmniKvConfigFile {
+    /// Threads of the host-side gather (default 8).
     pub cpu_num_threads: Option<u64>,
+    /// Wrap prompts in the chat template (read by the evaluation harness;
+    /// the backend only checks it against `cot`).
     pub use_chat_template: Option<bool>,
+    /// Chain-of-thought prompt variant; needs `use_chat_template`.
     pub cot: Option<bool>,
+    /// Longest prompt + generation in tokens (default 128,500).
     pub max_context_len: Option<u64>,
+    /// Model path; the backend does not use it (the host loads the model).
     pub model_name: Option<String>,
+    /// bitsandbytes 8-bit loading; only `false` is accepted.
     pub load_in_8bit: Option<bool>,
+    /// bitsandbytes 4-bit loading; only `false` is accepted.
     pub load_in_4bit: Option<bool>,
+    /// Only `"multi"` (OmniKV) is accepted.
     pub model_cls: Option<String>,
+    /// Only `"multi"` (OmniKV) is accepted.
     pub cache_cls: Option<String>,
+    /// Accepted, not used by the backend; prompt kernels follow `prefill`.
     pub use_flash_attn: Option<bool>,
     /// `"2,8,18"` as published; a JSON array of integers is accepted too.
     pub do_select_layers: Option<Value>,
+    /// `W`, dense layers after each filter layer (default 1).
     pub num_wait_load_layers: Option<u64>,
+    /// Keep sparse layers' prompt KV in the host tier (default false).
     pub real_offload: Option<bool>,
+    /// Wait-load layers attend densely; only `true` is supported.
     pub dense_more: Option<bool>,
     /// An integer count or a fraction in (0, 1].
     pub num_of_selected_tokens: Option<serde_json::Number>,
+    /// `last` (default), `softmax_before_last`, `uniform` or `exp`.
     pub selector_cls: Option<String>,
+    /// Window of `uniform`/`exp`, in tokens (default 16).
     pub window_size: Option<u64>,
     /// Not in the published schema: prompts shorter than this decode densely.
     pub min_prompt_len: Option<u64>,
@@ -130,7 +98,8 @@ const KNOWN_KEYS: &[&str] = &[
     "max_host_bytes",
 ];
 
-/// All problems found in a config, one line each.
+/// All problems found in a config (or a request's `kv_cache` object), one
+/// line each; `Display` lists them under a count.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<String>);
 
@@ -176,7 +145,12 @@ fn field<T: DeserializeOwned>(
 
 impl OmniKvConfigFile {
     /// Read the file fields from a JSON value, reporting type errors and
-    /// unknown keys together.
+    /// unknown keys together. Ranges are checked later, by the `TryFrom`
+    /// conversion to [`OmniKvConfig`].
+    ///
+    /// # Errors
+    /// If `value` is not an object, has unknown keys, or a key has the wrong
+    /// JSON type; every problem at once.
     pub fn from_value(value: &Value) -> Result<Self, ConfigErrors> {
         let (file, errors) = Self::from_value_lenient(value);
         if errors.is_empty() {
@@ -248,18 +222,22 @@ impl OmniKvConfigFile {
 /// The validated configuration the backend runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OmniKvConfig {
+    /// Threads of the offload gather workers.
     pub cpu_num_threads: usize,
-    pub use_chat_template: bool,
-    pub cot: bool,
+    /// Longest prompt + generation accepted (longer requests are refused).
     pub max_context_len: usize,
-    pub model_name: Option<String>,
-    pub use_flash_attn: bool,
-    /// Filter layers, strictly ascending.
+    /// Filter layers, strictly ascending (`do_select_layers`).
     pub filter_layers: Vec<usize>,
+    /// `W`: dense wait-load layers after each filter layer.
     pub num_wait_load_layers: usize,
+    /// Sparse layers' prompt KV lives in the host tier of
+    /// [`super::store::TieredStore`] (spec: "KV placement and offload").
     pub real_offload: bool,
+    /// Prompt tokens each filter layer selects (`num_of_selected_tokens`).
     pub budget: TokenBudget,
+    /// The scoring rule (`selector_cls`).
     pub selector: SelectorKind,
+    /// `w` of the window selectors, in tokens.
     pub window_size: usize,
     /// Prompts shorter than this are decoded densely (selection gains
     /// nothing on short prompts); 0, the default, keeps the published
@@ -269,7 +247,7 @@ pub struct OmniKvConfig {
     pub prefill: PrefillKernel,
     /// Prompt positions every selection keeps (opt-in; none by default, as
     /// published). They count against the budget.
-    pub keep: crate::selector::Keep,
+    pub keep: Keep,
     /// Calibration: decode densely and record inter-layer recall here.
     pub record_recall: Option<std::path::PathBuf>,
     /// With `real_offload`: the most bytes the host tier may hold for all
@@ -346,43 +324,14 @@ fn parse_layers(v: &Value, errors: &mut Vec<String>) -> Option<Vec<usize>> {
     Some(out)
 }
 
-/// Refuse a prompt, or prompt plus `max_tokens`, longer than a backend's
-/// `max_context_len`, with a message naming the limit and the fix.
-pub fn check_context_len(
-    backend: &str,
-    max: usize,
-    prompt_len: usize,
-    max_new_tokens: Option<usize>,
-) -> anyhow::Result<()> {
-    let total = prompt_len + max_new_tokens.unwrap_or(0);
-    if prompt_len > max {
-        anyhow::bail!(
-            "the prompt has {prompt_len} tokens, more than `max_context_len` = {max} of the {backend} config: shorten the prompt or raise `max_context_len`"
-        );
-    }
-    if total > max {
-        anyhow::bail!(
-            "the prompt ({prompt_len} tokens) plus `max_tokens` ({}) exceed `max_context_len` = {max} of the {backend} config: lower `max_tokens` or raise `max_context_len`",
-            total - prompt_len
-        );
-    }
-    Ok(())
-}
-
 fn parse_budget(n: &serde_json::Number, errors: &mut Vec<String>) -> Option<TokenBudget> {
-    if let Some(i) = n.as_u64() {
-        if i >= 1 {
-            return Some(TokenBudget::Count(i as usize));
-        }
-    } else if let Some(f) = n.as_f64() {
-        if f > 0.0 && f <= 1.0 {
-            return Some(TokenBudget::Ratio(f));
-        }
+    let budget = TokenBudget::from_json(&Value::Number(n.clone()));
+    if budget.is_none() {
+        errors.push(format!(
+            "`num_of_selected_tokens` = {n}: expected an integer count >= 1 or a fraction in (0, 1]"
+        ));
     }
-    errors.push(format!(
-        "`num_of_selected_tokens` = {n}: expected an integer count >= 1 or a fraction in (0, 1]"
-    ));
-    None
+    budget
 }
 
 impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
@@ -468,18 +417,14 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
                 u32::MAX
             ));
         }
-        let prefill = match f.prefill.as_deref() {
-            None | Some("fast") => Some(PrefillKernel::Fast),
-            Some("exact") => Some(PrefillKernel::Exact),
-            Some(other) => {
-                e.push(format!(
-                    "`prefill` = \"{other}\": expected one of {}",
-                    PrefillKernel::ALLOWED
-                ));
+        let prefill = match PrefillKernel::parse(f.prefill.as_deref()) {
+            Ok(kernel) => Some(kernel),
+            Err(message) => {
+                e.push(message);
                 None
             }
         };
-        let mut keep = crate::selector::Keep::default();
+        let mut keep = Keep::default();
         for (key, v, slot) in [
             ("keep_sink_tokens", f.keep_sink_tokens, &mut keep.sink),
             ("keep_recent_tokens", f.keep_recent_tokens, &mut keep.recent),
@@ -513,11 +458,7 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
         }
         Ok(OmniKvConfig {
             cpu_num_threads: cpu_num_threads as usize,
-            use_chat_template,
-            cot,
             max_context_len: max_context_len as usize,
-            model_name: f.model_name,
-            use_flash_attn: f.use_flash_attn.unwrap_or(true),
             filter_layers: filter_layers.expect("checked above"),
             num_wait_load_layers: num_wait_load_layers as usize,
             real_offload: f.real_offload.unwrap_or(false),
@@ -535,6 +476,10 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
 
 impl OmniKvConfig {
     /// Validate a JSON value, reporting every problem at once.
+    ///
+    /// # Errors
+    /// Every type, range and consistency problem of the value (see
+    /// [`OmniKvConfigFile::from_value`] and the `TryFrom` conversion).
     pub fn from_value(value: &Value) -> Result<Self, ConfigErrors> {
         let (file, mut errors) = OmniKvConfigFile::from_value_lenient(value);
         if !value.is_object() {
@@ -551,6 +496,9 @@ impl OmniKvConfig {
     }
 
     /// Parse and validate JSON text.
+    ///
+    /// # Errors
+    /// If the text is not JSON, or as [`Self::from_value`].
     pub fn from_json_str(text: &str) -> Result<Self, ConfigErrors> {
         let value: Value = serde_json::from_str(text)
             .map_err(|err| ConfigErrors(vec![format!("not valid JSON: {err}")]))?;
@@ -558,6 +506,10 @@ impl OmniKvConfig {
     }
 
     /// Read, parse and validate a config file.
+    ///
+    /// # Errors
+    /// If the file cannot be read, or as [`Self::from_json_str`]; the message
+    /// names the path.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read OmniKV config `{}`: {e}", path.display()))?;
@@ -566,6 +518,9 @@ impl OmniKvConfig {
 
     /// A configuration whose every decode step attends to the whole prompt
     /// (one filter layer at 0 keeping 100% of the prompt).
+    ///
+    /// # Panics
+    /// Only if the built-in configuration stopped validating (a bug).
     pub fn full_budget() -> Self {
         OmniKvConfig::from_value(&serde_json::json!({
             "do_select_layers": "0",
@@ -581,15 +536,22 @@ impl OmniKvConfig {
 /// budget. Absent keys keep the server's configuration.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RequestOverride {
+    /// `Some(false)`: full attention for this request.
     pub enabled: Option<bool>,
+    /// This request's selection budget instead of `num_of_selected_tokens`.
     pub budget: Option<TokenBudget>,
 }
 
 impl RequestOverride {
+    /// The accepted keys and their values, for error messages.
     pub const KEYS: &'static str =
         "\"enabled\" (true/false), \"budget\" (a token count >= 1 or a fraction in (0, 1])";
 
     /// Parse and check a request's `kv_cache` object, every problem at once.
+    ///
+    /// # Errors
+    /// If `v` is not an object, has a key other than `enabled` and `budget`,
+    /// or a value of the wrong type or range.
     pub fn from_value(v: &Value) -> Result<Self, ConfigErrors> {
         let Some(map) = v.as_object() else {
             return Err(ConfigErrors(vec![format!(
@@ -609,25 +571,13 @@ impl RequestOverride {
                         short(value)
                     )),
                 },
-                "budget" => {
-                    let parsed = value
-                        .as_u64()
-                        .filter(|&n| n >= 1 && n <= u32::MAX as u64)
-                        .map(|n| TokenBudget::Count(n as usize))
-                        .or_else(|| {
-                            value
-                                .as_f64()
-                                .filter(|f| *f > 0.0 && *f <= 1.0 && value.as_u64().is_none())
-                                .map(TokenBudget::Ratio)
-                        });
-                    match parsed {
-                        Some(b) => out.budget = Some(b),
-                        None => e.push(format!(
-                            "`budget` = {}: expected a token count >= 1 or a fraction in (0, 1]",
-                            short(value)
-                        )),
-                    }
-                }
+                "budget" => match TokenBudget::from_json(value) {
+                    Some(b) => out.budget = Some(b),
+                    None => e.push(format!(
+                        "`budget` = {}: expected a token count >= 1 or a fraction in (0, 1]",
+                        short(value)
+                    )),
+                },
                 other => e.push(format!("unknown key `{other}`; known keys: {}", Self::KEYS)),
             }
         }

@@ -1,5 +1,6 @@
 //! Host-to-device staging of offloaded prompt rows on CUDA (`real_offload`
-//! with the model on a GPU).
+//! with the model on a GPU; spec: "KV placement and offload", the
+//! improvements it asks for).
 //!
 //! The published code gathers with `index_select` from pageable host memory
 //! on the default stream, so the copy cannot overlap anything. Here, per
@@ -13,7 +14,7 @@
 //!    previous step's staging and the new rows (delta fetch);
 //! 4. an **event** is recorded on the copy stream. The sparse layer makes
 //!    the compute stream wait on it just before its attention
-//!    ([`crate::store::Ready::wait_on`]), so the first sparse layer waits
+//!    ([`super::store::Ready::wait_on`]), so the first sparse layer waits
 //!    only for its own rows and no CPU thread blocks on the copy.
 
 use std::collections::HashMap;
@@ -63,6 +64,11 @@ impl CopyEngine {
         }
         drop(pool);
         let ctx = self.stream.context();
+        // SAFETY: a fresh page-locked host allocation of plain bytes; it is
+        // written (`pack_rows`) before any copy reads it. cudarc's pinned slice
+        // records an event for each copy that reads it and `as_mut_slice` waits on
+        // that event, so a buffer taken again from the pool is never overwritten
+        // while an earlier asynchronous copy still reads it.
         unsafe { ctx.alloc_pinned::<u8>(bytes.next_power_of_two().max(4096)) }.w()
     }
 
@@ -80,6 +86,9 @@ pub struct CopyDone(Arc<CudaEvent>);
 
 impl CopyDone {
     /// Enqueue a wait for the copy on `dev`'s compute stream.
+    ///
+    /// # Errors
+    /// If the CUDA driver refuses the wait.
     pub fn wait_on(&self, dev: &CudaDevice) -> Result<()> {
         dev.cuda_stream().wait(&self.0).w()
     }
@@ -88,6 +97,10 @@ impl CopyDone {
 fn cpu_bytes(s: &CpuStorage) -> Result<&[u8]> {
     fn bytes<T>(x: &[T]) -> &[u8] {
         // Plain old data (f32 / f16 / bf16) viewed as bytes.
+        // SAFETY: `x` is a live slice of f32/f16/bf16 (plain old data without
+        // padding or invalid bit patterns); its bytes are the same memory, the
+        // same length in bytes and borrowed for the same lifetime, and u8 has
+        // alignment 1.
         unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
     }
     Ok(match s {
@@ -136,6 +149,12 @@ fn pack_rows(t: &Tensor, positions: &[u32], out: &mut [u8]) -> Result<()> {
 ///   `previous`, the staging is the fresh rows in order.
 ///
 /// Returns the staged keys and values `(kv_h, m, d)` and the copy's event.
+///
+/// # Errors
+/// If the dtype is not f32/f16/bf16, the host rows are not CPU rows with a
+/// contiguous last dimension, a position is beyond them, the previous
+/// staging is not a contiguous CUDA tensor, or an allocation, copy or kernel
+/// launch fails.
 pub fn stage(
     host_k: &Tensor,
     host_v: &Tensor,
@@ -183,17 +202,31 @@ fn stage_t<T: CudaDType + DeviceRepr + WithDType>(
         pack_rows(host_k, fresh, &mut buf[..half_bytes])?;
         pack_rows(host_v, fresh, &mut buf[half_bytes..2 * half_bytes])?;
     }
+    // SAFETY: uninitialised device bytes, fully written by the
+    // `memcpy_htod` on the next line (same length, same stream) before the
+    // merge kernel on that stream reads them.
     let mut fresh_dev = unsafe { stream.alloc::<u8>(pinned.len()) }.w()?;
     stream.memcpy_htod(&pinned, &mut fresh_dev).w()?;
     eng.give_back(pinned);
+    // SAFETY: the first `half_bytes = kv_h * f * d * size_of::<T>()` bytes
+    // are the packed key rows of type `T` (`pack_rows` wrote them as `T`);
+    // `transmute` checks the length and returns `None` if it does not fit.
+    // Device allocations are aligned far beyond `T`'s alignment.
     let fresh_k = unsafe { fresh_dev.transmute::<T>(kv_h * f * d) }
         .ok_or_else(|| candle_core::Error::Msg("omnikv: staging buffer too small".into()))?;
+    // SAFETY: as above, for the value rows that start `half_bytes` in (a
+    // multiple of `size_of::<T>()`, so still aligned for `T`).
     let fresh_v = unsafe { fresh_dev.slice(half_bytes..).transmute::<T>(kv_h * f * d) }
         .ok_or_else(|| candle_core::Error::Msg("omnikv: staging buffer too small".into()))?;
 
     // 3. Merge with the previous staging on the copy stream.
     let order_dev = stream.clone_htod(order).w()?;
+    // SAFETY: uninitialised device memory that the merge kernel writes in
+    // full (one block per (row, head), every one of the `m` output rows of
+    // `d` elements) before the event that readers wait on is recorded; with
+    // `m == 0` it is empty and never read.
     let mut out_k = unsafe { stream.alloc::<T>(kv_h * m * d) }.w()?;
+    // SAFETY: as for `out_k`.
     let mut out_v = unsafe { stream.alloc::<T>(kv_h * m * d) }.w()?;
     let name = format!(
         "omnikv_merge_rows_{}",
@@ -203,7 +236,7 @@ fn stage_t<T: CudaDType + DeviceRepr + WithDType>(
             _ => "bf16",
         }
     );
-    let merge = crate::ops::cuda::func(dev, &name)?;
+    let merge = omnikv_kernels::cuda::func(dev, &name)?;
     let (na, nf, m32, d32) = (
         previous.map_or(0, |(k, _)| k.dim(1).unwrap_or(0)) as i32,
         f as i32,
@@ -247,6 +280,13 @@ fn stage_t<T: CudaDType + DeviceRepr + WithDType>(
             .arg(out_x)
             .arg(&m32)
             .arg(&d32);
+        // SAFETY: arguments as `omnikv_merge_rows_{T}` in
+        // `omnikv_kernels::signatures::KERNELS`: the previous staging (`na` rows
+        // per head, contiguous, checked above; the fresh rows stand in when there
+        // is none and `na == 0`), the `nf` fresh rows, `order` with `m` entries
+        // each naming a row of one of the two (built by the store's delta fetch),
+        // and `out_x` with `kv_h * m * d` elements. All on this copy stream, so the
+        // copy of the fresh rows has completed when the kernel runs.
         unsafe { b.launch(launch) }.w()?;
         Ok(())
     };

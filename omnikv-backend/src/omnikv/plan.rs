@@ -9,39 +9,51 @@
 //! D = pre-filter dense, F = filter (dense, selects), W = wait-load (dense),
 //! S = sparse (attends to the serving filter layer's selection).
 
-use crate::config::OmniKvConfig;
+use super::config::OmniKvConfig;
 
+/// What one layer does at a decode step (spec: "Layer roles"). Every role
+/// attends densely during prompt passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerRole {
     /// Before the first filter layer: attends to every token.
     PreFilterDense,
     /// Selects prompt tokens for later layers, attends to every token.
     Filter,
-    /// Right after a filter layer: attends to every token.
+    /// One of the `num_wait_load_layers` layers right after filter layer
+    /// `filter`: attends to every token while the selection is fetched.
     WaitLoad { filter: usize },
-    /// Attends to the selection of `filter` plus all decoded tokens.
+    /// Attends to the selection of filter layer `filter` (the nearest one
+    /// before it) plus all decoded tokens.
     Sparse { filter: usize },
 }
 
 impl LayerRole {
+    /// Attends to every token at decode steps (every role but sparse).
     pub fn is_dense(&self) -> bool {
         !matches!(self, LayerRole::Sparse { .. })
     }
 }
 
+/// The role of every layer of one model under one configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerPlan {
+    /// One role per layer, indexed by layer.
     pub roles: Vec<LayerRole>,
 }
 
 impl LayerPlan {
     /// Build the plan for a model of `num_layers` layers, or explain why the
-    /// configured filter layers do not fit it.
+    /// configured filter layers do not fit it. Expects `cfg.filter_layers`
+    /// strictly ascending, as [`OmniKvConfig`] validates.
+    ///
+    /// # Errors
+    /// If a filter layer is `>= num_layers`; the message names it and the
+    /// model's layer count.
     pub fn new(cfg: &OmniKvConfig, num_layers: usize) -> anyhow::Result<Self> {
         if let Some(&bad) = cfg.filter_layers.iter().find(|&&l| l >= num_layers) {
             anyhow::bail!(
                 "`do_select_layers` names layer {bad}, but the model has {num_layers} layers (0..={}); choose filter layers below {num_layers}",
-                num_layers - 1
+                num_layers.saturating_sub(1)
             );
         }
         let mut roles = vec![LayerRole::PreFilterDense; num_layers];
@@ -59,6 +71,7 @@ impl LayerPlan {
         Ok(Self { roles })
     }
 
+    /// Number of layers that attend densely at decode steps.
     pub fn dense_layers(&self) -> usize {
         self.roles.iter().filter(|r| r.is_dense()).count()
     }

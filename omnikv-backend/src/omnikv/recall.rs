@@ -14,9 +14,16 @@ use std::sync::Mutex;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::selector::{head_max_scores, top_k_sorted};
+use super::selector::{head_max_scores, top_k_sorted};
 
 /// `p_l` for one sequence: `queries` `(1, h, d)`, `keys` `(kv_h, P, d)`.
+/// Returns `P` probabilities (softmax in f64, stored as f32).
+///
+/// # Errors
+/// As [`head_max_scores`], or if `queries` holds more than one query.
+///
+/// # Panics
+/// If `keys` has no KV heads (`kv_h == 0`).
 pub fn head_max_distribution(queries: &Tensor, keys: &Tensor, scale: f64) -> Result<Vec<f32>> {
     let s: Vec<f32> = head_max_scores(queries, keys, scale, false)?
         .squeeze(0)?
@@ -27,7 +34,12 @@ pub fn head_max_distribution(queries: &Tensor, keys: &Tensor, scale: f64) -> Res
     Ok(e.iter().map(|x| (x / sum) as f32).collect())
 }
 
-/// `S(a, b)` of one step for all layer pairs, row-major `L x L`.
+/// `S(a, b)` of one step for all layer pairs, row-major `L x L`, from the
+/// `L` layers' distributions `dists` and the budget `k` (tokens).
+///
+/// # Panics
+/// If the distributions differ in length (a top-k position of a longer one
+/// indexes past a shorter one).
 pub fn step_recall(dists: &[Vec<f32>], k: usize) -> Vec<f64> {
     let l = dists.len();
     let mut out = vec![0.0; l * l];
@@ -44,6 +56,7 @@ pub fn step_recall(dists: &[Vec<f32>], k: usize) -> Vec<f64> {
 /// file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RecallStats {
+    /// `L`, the model's layer count.
     pub layers: usize,
     /// Decode steps (per sequence) accumulated.
     pub steps: u64,
@@ -56,11 +69,13 @@ pub struct RecallStats {
 /// Accumulator shared by all passes of a recording backend.
 #[derive(Debug)]
 pub struct Recorder {
+    /// The `record_recall` file, rewritten after every step.
     pub path: PathBuf,
     sum: Mutex<(u64, Vec<f64>)>,
 }
 
 impl Recorder {
+    /// An empty accumulator writing to `path`.
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
@@ -68,7 +83,15 @@ impl Recorder {
         }
     }
 
-    /// Add one step's `S` (row-major) and rewrite the file.
+    /// Add one step's `S` (row-major, `layers x layers`) and rewrite the
+    /// file (through a `.tmp` file and a rename). A step of another size
+    /// than the previous ones restarts the accumulation.
+    ///
+    /// # Errors
+    /// If the file cannot be written.
+    ///
+    /// # Panics
+    /// If `layers` is 0.
     pub fn add(&self, layers: usize, step: &[f64], budget: &str) -> Result<()> {
         let stats = {
             let mut g = self.sum.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,6 +130,11 @@ impl Recorder {
 /// served by filter layer `f` contributes `S(f, l)`; dense layers contribute
 /// nothing (they lose nothing, and every plan with the same first filter
 /// layer, number of filter layers and `W` has the same number of them).
+/// `recall` is the `L x L` mean of [`RecallStats::recall`], `w` is `W`.
+///
+/// # Panics
+/// If `recall` is not square, or `filters` names a layer `>= L` that would
+/// serve sparse layers.
 pub fn plan_score(recall: &[Vec<f64>], filters: &[usize], w: usize) -> f64 {
     let l = recall.len();
     let mut total = 0.0;
@@ -122,7 +150,11 @@ pub fn plan_score(recall: &[Vec<f64>], filters: &[usize], w: usize) -> f64 {
 /// Best `m` filter layers starting at `first` (layers before it dense), each
 /// next filter layer after the previous one's `w` wait-load layers, maximising
 /// [`plan_score`]: a dynamic program over (filter count, position of the
-/// latest filter layer). `None` if `m` filter layers do not fit.
+/// latest filter layer). `None` if `m` filter layers do not fit. Returns
+/// the filter layers (ascending) and their [`plan_score`].
+///
+/// # Panics
+/// If `recall` is not square.
 pub fn propose(recall: &[Vec<f64>], m: usize, w: usize, first: usize) -> Option<(Vec<usize>, f64)> {
     let l = recall.len();
     if m == 0 || first >= l {

@@ -1,26 +1,67 @@
 //! Token scoring at a filter layer (spec: "Selection at a filter layer").
 //!
 //! A selector turns the filter layer's recent queries and the cached prompt
-//! keys into one score per prompt position; [`top_k_sorted`] (shared) keeps
-//! the best `k` positions in ascending order.
+//! keys into one score per prompt position; [`omnikv_kernels::ops::top_k`]
+//! (shared; its CPU pass is [`top_k_sorted`]) keeps the best `k` positions
+//! in ascending order, and [`select_keeping`] applies the prompt-tail rule
+//! of the window selectors.
 //!
 //! Shapes: queries `(w, h, d)` oldest first (post-RoPE, the newest is the
-//! current token), prompt keys `(kv_h, P, d)` (post-RoPE); query head `i`
-//! reads KV head `i / (h / kv_h)`.
+//! current token; w window queries, h query heads, d head dim), prompt keys
+//! `(kv_h, P, d)` (post-RoPE; kv_h KV heads, P prompt length); query head
+//! `i` reads KV head `i / (h / kv_h)`.
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::config::SelectorKind;
+use serde::{Deserialize, Serialize};
 
-/// Scores of prompt positions, `(P,)`, higher is more important.
+/// Token scoring rule at a filter layer (`selector_cls`; spec: "Selection at
+/// a filter layer").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectorKind {
+    /// `last` (published default): the current query's raw scaled logits,
+    /// max over query heads ([`Last`]).
+    Last,
+    /// `softmax_before_last`: softmax over positions per head, then max over
+    /// heads ([`SoftmaxBeforeLast`]).
+    SoftmaxBeforeLast,
+    /// `uniform`: observation window, every window query weighs 1 ([`Window`]).
+    Uniform,
+    /// `exp`: observation window, query `i` of `w` weighs `0.5^(w-1-i)`
+    /// ([`Window`]).
+    Exp,
+}
+
+impl SelectorKind {
+    /// The accepted spellings, for error messages.
+    pub const ALLOWED: &'static str = "\"last\", \"softmax_before_last\", \"uniform\", \"exp\"";
+}
+
+/// A scoring rule: scores of prompt positions, `(P,)` f32, higher is more
+/// important. Top-k and the prompt-tail rule live in [`select_keeping`].
 pub trait Selector: Send + Sync + std::fmt::Debug {
     /// How many of the newest queries the selector looks at.
     fn window(&self) -> usize;
+    /// Scores `(P,)` f32 of the prompt keys `prompt_keys` `(kv_h, P, d)` for
+    /// the newest queries `queries` `(w', h, d)` (oldest first, at least
+    /// one), with logits scaled by `scale`.
+    ///
+    /// # Errors
+    /// If the shapes do not fit or a tensor operation fails.
     fn scores(&self, queries: &Tensor, prompt_keys: &Tensor, scale: f64) -> Result<Tensor>;
 }
 
-/// `(w, P)`: for each window query, the max over query heads of its scaled
-/// logits over the prompt keys, optionally softmax-normalised per head first.
+/// `(w, P)` f32: for each window query, the max over query heads of its
+/// scaled logits over the prompt keys, optionally softmax-normalised over
+/// positions per head first. `queries` `(w, h, d)`, `keys` `(kv_h, P, d)`.
+///
+/// # Errors
+/// If a tensor is not rank 3, `h` is not a multiple of `kv_h`, or a tensor
+/// operation fails.
+///
+/// # Panics
+/// If `keys` has no KV heads (`kv_h == 0`).
 pub fn head_max_scores(
     queries: &Tensor,
     keys: &Tensor,
@@ -60,7 +101,7 @@ impl Selector for Last {
         // The current query `(h, d)`, scored fused: keys read in place, no
         // `(h, P)` logit matrix.
         let q = queries.get(queries.dim(0)? - 1)?;
-        crate::ops::score_max(&q, keys, scale)
+        omnikv_kernels::ops::score_max(&q, keys, scale)
     }
 }
 
@@ -83,7 +124,9 @@ impl Selector for SoftmaxBeforeLast {
 /// by `0.5^(w-1-i)`.
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
+    /// `w`, the number of newest queries scored (`window_size`).
     pub size: usize,
+    /// `exp` weights when true, `uniform` when false.
     pub exponential: bool,
 }
 
@@ -103,6 +146,7 @@ impl Selector for Window {
     }
 }
 
+/// The selector of `kind`; `window_size` is `w` for the window selectors.
 pub fn make_selector(kind: SelectorKind, window_size: usize) -> Box<dyn Selector> {
     match kind {
         SelectorKind::Last => Box::new(Last),
@@ -118,29 +162,9 @@ pub fn make_selector(kind: SelectorKind, window_size: usize) -> Box<dyn Selector
     }
 }
 
-/// Indices of the `k` largest scores, ascending. Ties go to the earlier
-/// position; NaN ranks lowest. Partial selection, no full sort of all scores.
-pub fn top_k_sorted(scores: &[f32], k: usize) -> Vec<u32> {
-    let k = k.min(scores.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    let key = |i: u32| {
-        let s = scores[i as usize];
-        if s.is_nan() {
-            f32::NEG_INFINITY
-        } else {
-            s
-        }
-    };
-    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
-        idx.truncate(k);
-    }
-    idx.sort_unstable();
-    idx
-}
+/// The top-k of the kernels crate: indices of the `k` largest scores,
+/// ascending (ties to the earlier position, NaN lowest).
+pub use omnikv_kernels::cpu::top_k_sorted;
 
 /// Prompt positions kept at every step whatever their score (an opt-in
 /// extension; the published selection keeps none). Both count against the
@@ -164,7 +188,10 @@ pub struct Keep {
 /// Returns the sorted prompt positions to attend. While a window selector's
 /// window still reaches into the prompt (`decoded < w`), the last `w - decoded`
 /// prompt positions are kept and `k` shrinks by as many (at least 1), as the
-/// spec's prompt-tail rule says.
+/// spec's prompt-tail rule says (spec: "Selection at a filter layer").
+///
+/// # Errors
+/// As [`select_keeping`].
 pub fn select(
     selector: &dyn Selector,
     queries: &Tensor,
@@ -187,6 +214,11 @@ pub fn select(
 /// [`select`] that also always keeps `keep.sink` leading and `keep.recent`
 /// trailing prompt positions, within the same budget `k`: the top-k runs over
 /// the positions between them with what is left of `k` (at least 1).
+/// Returns every prompt position when `k >= P` or the kept positions cover
+/// the prompt.
+///
+/// # Errors
+/// If `prompt_keys` is not rank 3, or scoring or the top-k fails.
 pub fn select_keeping(
     selector: &dyn Selector,
     queries: &Tensor,
@@ -213,7 +245,7 @@ pub fn select_keeping(
     let rest = p - tail;
     let scores = selector.scores(queries, prompt_keys, scale)?;
     // Top-k where the scores are (on the GPU too); only k indices come back.
-    let top = crate::ops::top_k(
+    let top = omnikv_kernels::ops::top_k(
         &scores.narrow(0, sink, rest - sink)?,
         k.saturating_sub(sink + tail).max(1),
     )?

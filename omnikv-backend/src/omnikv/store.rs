@@ -1,4 +1,5 @@
-//! The tiered KV store behind `real_offload`, and per-sequence KV accounting.
+//! The tiered KV store behind `real_offload`, and per-sequence KV accounting
+//! (spec: "KV placement and offload").
 //!
 //! With `real_offload`, a sparse layer's keys/values never enter the model's
 //! cache. Its prompt rows go to the *host tier* (CPU memory); rows of
@@ -85,28 +86,36 @@ struct LayerRows {
     staged: Option<Staged>,
 }
 
-/// Selected prompt rows copied to the device tier, `(kv_h, sel, d)` each.
+/// Selected prompt rows copied to the device tier, `(kv_h, sel, d)` each
+/// (sel selected positions).
 #[derive(Debug, Clone)]
 pub struct Staged {
+    /// The staged prompt positions, ascending; row `j` of `k`/`v` is
+    /// position `positions[j]`.
     pub positions: Vec<u32>,
+    /// Keys `(kv_h, sel, d)`, the host tier's dtype.
     pub k: Tensor,
+    /// Values `(kv_h, sel, d)`, the host tier's dtype.
     pub v: Tensor,
     /// When the copy that filled `k` and `v` is done.
     pub ready: Ready,
 }
 
 /// Completion of a staging copy. On CUDA the copy runs on a copy stream
-/// (`crate::cuda_staging`) and the consumer's compute stream must wait for
+/// (`super::cuda_staging`) and the consumer's compute stream must wait for
 /// it; everywhere else the copy is complete when the staging exists.
 #[derive(Clone, Default)]
 pub struct Ready {
     #[cfg(feature = "cuda-kernels")]
-    copy: Option<crate::cuda_staging::CopyDone>,
+    copy: Option<super::cuda_staging::CopyDone>,
 }
 
 impl Ready {
     /// Make `device`'s compute stream wait for the copy. Enqueues a wait on
     /// the GPU; never blocks the calling thread. A no-op off CUDA.
+    ///
+    /// # Errors
+    /// If the CUDA driver refuses the wait.
     pub fn wait_on(&self, device: &Device) -> Result<()> {
         #[cfg(feature = "cuda-kernels")]
         if let (Some(copy), Device::Cuda(dev)) = (&self.copy, device) {
@@ -185,7 +194,10 @@ impl SeqEntry {
 /// Bytes held for one sequence, or for all of them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TierBytes {
+    /// Host tier: offloaded prompt rows (buffer capacity), in bytes.
     pub host: u64,
+    /// Device tier: dense layers' cached rows, sparse layers' generated rows
+    /// and staged rows, in bytes.
     pub device: u64,
 }
 
@@ -194,34 +206,23 @@ pub struct TierBytes {
 pub struct StoreUsage {
     /// Sequences with an entry.
     pub sequences: usize,
+    /// Sum over all sequences.
     pub total: TierBytes,
     /// Per sequence id.
     pub per_sequence: BTreeMap<usize, TierBytes>,
     /// Selected prompt rows that were already selected at the previous step,
-    /// and all selected rows, summed over decode steps (delta fetch).
+    /// summed over filter layers and decode steps (what delta fetch reuses).
     pub reused_rows: u64,
+    /// All selected prompt rows, summed the same way.
     pub selected_rows: u64,
     /// Prompt rows copied from the host tier to the device tier by delta
-    /// fetches, and rows a full gather would have copied.
+    /// fetches.
     pub moved_rows: u64,
+    /// Rows a full gather would have copied for the same stagings.
     pub staged_rows: u64,
 }
 
-/// Human-readable byte counts for log lines.
-pub struct Bytes(pub u64);
-
-impl fmt::Display for Bytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0 as f64;
-        if b >= 1024.0 * 1024.0 {
-            write!(f, "{:.2} MiB", b / (1024.0 * 1024.0))
-        } else if b >= 1024.0 {
-            write!(f, "{:.1} KiB", b / 1024.0)
-        } else {
-            write!(f, "{} B", self.0)
-        }
-    }
-}
+pub use crate::accounting::Bytes;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -233,7 +234,10 @@ struct Inner {
     staged_rows: u64,
 }
 
-/// See the module documentation.
+/// The tiered KV store: per sequence, the host-tier prompt rows, device-tier
+/// generated rows and last staging of each offloaded sparse layer, plus the
+/// byte accounting of every layer (see the module documentation). Shared by
+/// the backend and its gather workers; one lock guards it.
 #[derive(Debug)]
 pub struct TieredStore {
     host: Device,
@@ -242,6 +246,8 @@ pub struct TieredStore {
 }
 
 impl TieredStore {
+    /// An empty store; `max_host_bytes` limits the host tier of all
+    /// sequences together (`None`: no limit).
     pub fn new(max_host_bytes: Option<u64>) -> Self {
         Self {
             host: Device::Cpu,
@@ -258,7 +264,12 @@ impl TieredStore {
 
     /// Append one sequence's new rows of sparse layer `layer`: `k`, `v` are
     /// `(kv_h, s, d)` for positions `offset .. offset + s`; positions below
-    /// `prompt_len` go to the host tier, the others to the device tier.
+    /// `prompt_len` go to the host tier, the others to the device tier. A
+    /// pass at `offset == 0` over stored rows starts the layer over.
+    ///
+    /// # Errors
+    /// If `offset` is neither 0 nor the number of rows stored, the new host
+    /// rows would exceed `max_host_bytes`, or a copy fails.
     pub fn append(
         &self,
         seq: usize,
@@ -337,6 +348,9 @@ impl TieredStore {
     /// All rows of a sparse layer for one sequence, `(1, kv_h, n, d)` each,
     /// on `device` (prompt-pass continuation, or a budget covering the
     /// whole prompt).
+    ///
+    /// # Errors
+    /// If nothing is stored for `seq` and `layer`, or a copy fails.
     pub fn all_rows(&self, seq: usize, layer: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let inner = self.lock();
         let Some(rows) = inner.seqs.get(&seq).and_then(|e| e.sparse.get(&layer)) else {
@@ -357,6 +371,10 @@ impl TieredStore {
     /// staging copy; only newly selected positions are copied from the host
     /// tier. The copies run outside the store's lock, so stagings of several
     /// layers proceed in parallel (see the backend's prefetch).
+    ///
+    /// # Errors
+    /// If no prompt rows are stored for `seq` and `layer`, or a copy fails
+    /// (see [`delta_stage`]).
     pub fn stage(
         &self,
         seq: usize,
@@ -388,7 +406,11 @@ impl TieredStore {
         Ok(staged)
     }
 
-    /// Generated rows of a sparse layer (device tier), `(kv_h, t, d)` each.
+    /// Generated rows of a sparse layer (device tier), `(kv_h, t, d)` each
+    /// (t generated tokens so far); `None` before the first one.
+    ///
+    /// # Errors
+    /// If nothing is stored for `seq` and `layer`.
     pub fn tail(&self, seq: usize, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
         let inner = self.lock();
         let Some(rows) = inner.seqs.get(&seq).and_then(|e| e.sparse.get(&layer)) else {
@@ -402,6 +424,9 @@ impl TieredStore {
 
     /// [`Self::stage`] followed by the generated rows:
     /// `(1, kv_h, sel + generated, d)` keys and values.
+    ///
+    /// # Errors
+    /// As [`Self::stage`] and [`Self::with_tail`].
     pub fn gather(
         &self,
         seq: usize,
@@ -414,7 +439,12 @@ impl TieredStore {
     }
 
     /// Append the generated rows to staged prompt rows:
-    /// `(1, kv_h, sel + generated, d)` keys and values.
+    /// `(1, kv_h, sel + generated, d)` keys and values. First makes the
+    /// staging's device wait for its copy ([`Ready::wait_on`]).
+    ///
+    /// # Errors
+    /// If nothing is stored for `seq` and `layer`, the wait fails, or the
+    /// staging and the generated rows do not concatenate.
     pub fn with_tail(&self, seq: usize, layer: usize, staged: Staged) -> Result<(Tensor, Tensor)> {
         staged.ready.wait_on(staged.k.device())?;
         let mut ks = vec![staged.k];
@@ -443,7 +473,8 @@ impl TieredStore {
     }
 
     /// Device-tier bytes a dense layer holds for one sequence in the model
-    /// cache (`rows` cached rows of `bytes_per_row` each, keys and values).
+    /// cache: `bytes` is its cached rows times the bytes of a row (keys and
+    /// values, all KV heads). Replaces the layer's previous figure.
     pub fn note_dense(&self, seq: usize, layer: usize, bytes: u64) {
         self.lock()
             .seqs
@@ -453,7 +484,8 @@ impl TieredStore {
             .insert(layer, bytes);
     }
 
-    /// Release everything held for a sequence; returns what it held.
+    /// Release everything held for a sequence; returns what it held, or
+    /// `None` if it held nothing.
     pub fn release(&self, seq: usize) -> Option<TierBytes> {
         let mut inner = self.lock();
         let entry = inner.seqs.remove(&seq)?;
@@ -465,6 +497,8 @@ impl TieredStore {
         Some(held)
     }
 
+    /// A snapshot of the accounting: bytes per tier, per sequence and in
+    /// total, and the delta-fetch counters.
     pub fn usage(&self) -> StoreUsage {
         let inner = self.lock();
         let per_sequence: BTreeMap<usize, TierBytes> = inner
@@ -502,7 +536,11 @@ impl TieredStore {
 /// `(kv_h, P, d)`, reusing the rows of `previous` that are still selected.
 /// Returns the staging and the number of rows copied from the host tier.
 /// The result equals `host.index_select(selection)` exactly (rows are
-/// copied, never recomputed).
+/// copied, never recomputed). On CUDA (`cuda-kernels`) the copy runs on the
+/// copy stream and the staging's [`Ready`] carries its event.
+///
+/// # Errors
+/// If an index is beyond the host rows or a copy or kernel fails.
 pub fn delta_stage(
     host_k: &Tensor,
     host_v: &Tensor,
@@ -547,7 +585,7 @@ pub fn delta_stage(
     #[cfg(feature = "cuda-kernels")]
     if let (Device::Cuda(dev), true) = (device, host.is_cpu()) {
         // Pinned buffer, copy stream, merge kernel, event.
-        let (k, v, copy) = crate::cuda_staging::stage(
+        let (k, v, copy) = super::cuda_staging::stage(
             host_k,
             host_v,
             prev.map(|p| (&p.k, &p.v)),

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use omnikv_backend::recall::{plan_score, propose, RecallStats};
+use omnikv_backend::omnikv::recall::{plan_score, propose, RecallStats};
 use omnikv_eval::eval::{
     budget_value, load_haystack, machine_description, needle_cases, score, Case,
 };

@@ -1,0 +1,21 @@
+//! The numeric kernels of OmniKV's decode step (ICLR 2025, "Dynamic Context
+//! Selection for Efficient Long-Context LLMs", §3.2-3.3; spec: "Selection at
+//! a filter layer" and "Sparse attention"), as candle custom ops with a CPU
+//! forward pass on every op and CUDA kernels behind the `cuda` feature.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`ops`] | `score_max`, `top_k`, `gather_rows`, `indexed_decode`: the ops a backend calls on any device |
+//! | [`cpu`] | their CPU passes (the references the CUDA kernels are written against) and the shared decode tiles |
+//! | [`signatures`] | the one table of the CUDA entry points and their argument lists, checked against the `.cu` source |
+//! | `cuda` | the launches (`cuda` feature; PTX built by `build.rs` from `kernels/omnikv_decode.cu`) |
+//!
+//! This crate depends on candle only: it knows nothing of models, backend
+//! configuration or selection policy (`omnikv-backend/tests/layering.rs`
+//! enforces it).
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod ops;
+pub mod signatures;
