@@ -166,10 +166,10 @@ impl EvictionConfig {
                     Some(n) => cfg.max_context_len = n,
                     None => {}
                 },
-                "prefill" => match v.as_str() {
-                    Some("fast") => cfg.prefill = PrefillKernel::Fast,
-                    Some("exact") => cfg.prefill = PrefillKernel::Exact,
-                    _ => e.push(format!(
+                "prefill" => match v.as_str().map(|s| PrefillKernel::parse(Some(s))) {
+                    Some(Ok(kernel)) => cfg.prefill = kernel,
+                    Some(Err(message)) => e.push(message),
+                    None => e.push(format!(
                         "`prefill` = {v}: expected one of {}",
                         PrefillKernel::ALLOWED
                     )),
