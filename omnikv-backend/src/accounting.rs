@@ -47,6 +47,13 @@ pub struct ReleaseRecord {
     pub live_host_bytes: u64,
     /// Their device-tier bytes, together.
     pub live_device_bytes: u64,
+    /// Bytes of the window selectors' past queries the sequence held (OmniKV
+    /// with `uniform` or `exp`; on the model's device).
+    #[serde(default)]
+    pub held_query_bytes: u64,
+    /// Window queries of the sequences still live, together.
+    #[serde(default)]
+    pub live_query_bytes: u64,
 }
 
 impl ReleaseRecord {
@@ -66,7 +73,10 @@ impl ReleaseRecord {
 
     /// Nothing is held for any sequence after this release.
     pub fn backend_empty(&self) -> bool {
-        self.live == 0 && self.live_host_bytes == 0 && self.live_device_bytes == 0
+        self.live == 0
+            && self.live_host_bytes == 0
+            && self.live_device_bytes == 0
+            && self.live_query_bytes == 0
     }
 }
 

@@ -30,6 +30,7 @@ pub mod model;
 pub mod names;
 pub mod omnikv;
 pub mod prefill;
+pub mod rope;
 
 use std::sync::{Arc, Once};
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope};
+use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope, SequenceIdsScope};
 use omnikv_backend::attention::{attended_rows, exact_attention, sparse_decode_attention};
 use omnikv_backend::omnikv::selector::SelectorKind;
 use omnikv_backend::omnikv::selector::{make_selector, select, select_keeping, top_k_sorted, Keep};
@@ -250,6 +250,79 @@ fn selection_budget_and_prompt_tail_rule() {
     assert_eq!(select(&*uniform, &q, &k, 0.3, 5, 16).unwrap().len(), 5);
 }
 
+/// Plain reference of a window selector's selection while its window still
+/// holds prompt positions (published code): the candidates are the prompt
+/// without its last `w - decoded` positions, the softmax runs over the
+/// candidates only, the top `k - tail` candidates are kept with the tail.
+fn reference_window_selection(
+    q: &[f32],
+    k_all: &[f32],
+    c: &Case,
+    w: usize,
+    kind: SelectorKind,
+    budget: usize,
+    decoded: usize,
+    softmax_over_all: bool,
+) -> Vec<u32> {
+    let tail = w - decoded;
+    let cand = c.prompt - tail;
+    let scores = if softmax_over_all {
+        // The earlier behaviour: normalise over every prompt key, then drop
+        // the tail.
+        reference_scores(q, k_all, c, w, kind)[..cand].to_vec()
+    } else {
+        let d = c.head_dim;
+        let k: Vec<f32> = (0..c.kv_heads)
+            .flat_map(|kv| k_all[kv * c.prompt * d..(kv * c.prompt + cand) * d].to_vec())
+            .collect();
+        reference_scores(q, &k, &Case { prompt: cand, ..*c }, w, kind)
+    };
+    let mut out = naive_top_k(&scores, budget - tail);
+    out.extend(cand as u32..c.prompt as u32);
+    out
+}
+
+#[test]
+fn window_selectors_normalise_over_the_candidates_only() {
+    let dev = Device::Cpu;
+    let c = Case {
+        head_dim: 16,
+        kv_heads: 2,
+        group: 2,
+        prompt: 48,
+        window: 8,
+    };
+    let (h, d, p, w) = (c.kv_heads * c.group, c.head_dim, c.prompt, c.window);
+    let q = common::rand_vec(w * h * d, 21);
+    let mut k = common::rand_vec(c.kv_heads * p * d, 22);
+    // KV head 0's keys in the window's prompt tail align with every query of
+    // query head 0: over all positions, that head's softmax puts its mass on
+    // the tail and its candidate scores collapse; over the candidates only,
+    // they do not.
+    let decoded = 3;
+    for j in p - (w - decoded)..p {
+        for x in 0..d {
+            let mean_q: f32 = (0..w).map(|i| q[(i * h) * d + x]).sum::<f32>() / w as f32;
+            k[j * d + x] += 6.0 * mean_q;
+        }
+    }
+    let qt = Tensor::from_slice(&q, (w, h, d), &dev).unwrap();
+    let kt = Tensor::from_slice(&k, (c.kv_heads, p, d), &dev).unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+    for kind in [SelectorKind::Uniform, SelectorKind::Exp] {
+        let sel = make_selector(kind, w);
+        let budget = 12;
+        let got = select(&*sel, &qt, &kt, scale, budget, decoded).unwrap();
+        let want = reference_window_selection(&q, &k, &c, w, kind, budget, decoded, false);
+        assert_eq!(got, want, "{kind:?}: published selection");
+        let earlier = reference_window_selection(&q, &k, &c, w, kind, budget, decoded, true);
+        assert_ne!(
+            want, earlier,
+            "{kind:?}: the case must tell the two normalisers apart"
+        );
+    }
+}
+
 #[test]
 fn sparse_attention_matches_masked_full_attention() {
     let dev = Device::Cpu;
@@ -381,11 +454,18 @@ fn tiny(config: serde_json::Value) -> LlamaOmniKv {
 }
 
 /// Greedy-free decode: feed `ids[prompt..]` one by one after a prompt pass,
-/// with the host's prompt lengths in scope; returns every step's logits.
+/// with the host's prompt lengths and sequence id 0 in scope; returns every
+/// step's logits.
 fn decode(model: &LlamaOmniKv, ids: &[u32], prompt: usize) -> Vec<Vec<f32>> {
+    decode_as(model, 0, ids, prompt)
+}
+
+/// [`decode`] as host sequence `seq`.
+fn decode_as(model: &LlamaOmniKv, seq: usize, ids: &[u32], prompt: usize) -> Vec<Vec<f32>> {
     model.reset_cache();
     let dev = Device::Cpu;
     let _scope = ForwardScope::enter(vec![prompt]);
+    let _ids = SequenceIdsScope::enter(vec![seq]);
     let x = Tensor::new(&ids[..prompt], &dev)
         .unwrap()
         .unsqueeze(0)
@@ -465,14 +545,16 @@ fn snapshot(model: &LlamaOmniKv) -> Vec<(Tensor, Tensor)> {
 /// and the logits of one more decode step with `ids[upto]`.
 fn run_to(
     model: &LlamaOmniKv,
+    seq: usize,
     ids: &[u32],
     prompt: usize,
     upto: usize,
 ) -> (Vec<(Tensor, Tensor)>, Vec<f32>) {
-    let all = decode(model, &ids[..upto], prompt);
+    let all = decode_as(model, seq, &ids[..upto], prompt);
     let _ = all;
     let cache = snapshot(model);
     let _scope = ForwardScope::enter(vec![prompt]);
+    let _ids = SequenceIdsScope::enter(vec![seq]);
     let x = Tensor::new(&[ids[upto]], &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -491,14 +573,14 @@ fn run_to(
 fn batched_decode_equals_single_sequences() {
     // Two sequences with the same cache length but different prompt lengths
     // (so different selections) decode in one batch exactly as they do alone.
-    for selector in ["last", "exp"] {
+    for selector in ["last", "uniform", "exp"] {
         let model = tiny(
             serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 0.25, "selector_cls": selector, "window_size": 4}),
         );
         let a: Vec<u32> = IDS[..34].to_vec();
         let b: Vec<u32> = IDS[6..40].to_vec();
-        let (cache_a, solo_a) = run_to(&model, &a, 30, 33);
-        let (cache_b, solo_b) = run_to(&model, &b, 33, 33);
+        let (cache_a, solo_a) = run_to(&model, 1, &a, 30, 33);
+        let (cache_b, solo_b) = run_to(&model, 2, &b, 33, 33);
         {
             let mut c = CustomTextModel::cache(&model).normal();
             for (kv, ((ka, va), (kb, vb))) in c.0.iter_mut().zip(cache_a.iter().zip(&cache_b)) {
@@ -511,6 +593,7 @@ fn batched_decode_equals_single_sequences() {
             }
         }
         let _scope = ForwardScope::enter(vec![30, 33]);
+        let _ids = SequenceIdsScope::enter(vec![1, 2]);
         let x = Tensor::new(&[[a[33]], [b[33]]], &Device::Cpu).unwrap();
         let both: Vec<Vec<Vec<f32>>> = model
             .forward(&x, &[33, 33], vec![(0, 1), (0, 1)])
@@ -536,6 +619,7 @@ fn recomputed_sequence_replays_its_decode_steps() {
     let stepwise = decode(&model, &IDS[..37], 30);
     model.reset_cache();
     let _scope = ForwardScope::enter(vec![30]);
+    let _ids = SequenceIdsScope::enter(vec![0]);
     let x = Tensor::new(&IDS[..37], &Device::Cpu)
         .unwrap()
         .unsqueeze(0)

@@ -318,6 +318,10 @@ pub struct StoreRelease {
     pub remaining: usize,
     pub remaining_host: u64,
     pub remaining_device: u64,
+    /// Bytes of window-selector queries the sequence held, and those of the
+    /// sequences still live (`uniform`, `exp`).
+    pub held_queries: u64,
+    pub remaining_queries: u64,
 }
 
 impl StoreRelease {
@@ -331,12 +335,17 @@ impl StoreRelease {
             remaining: r.live,
             remaining_host: r.live_host_bytes,
             remaining_device: r.live_device_bytes,
+            held_queries: r.held_query_bytes,
+            remaining_queries: r.live_query_bytes,
         })
     }
 
     /// Nothing is held by any sequence after this release.
     pub fn store_empty(&self) -> bool {
-        self.remaining == 0 && self.remaining_host == 0 && self.remaining_device == 0
+        self.remaining == 0
+            && self.remaining_host == 0
+            && self.remaining_device == 0
+            && self.remaining_queries == 0
     }
 }
 

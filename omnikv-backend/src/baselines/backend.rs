@@ -405,6 +405,7 @@ impl KvCacheBackend for EvictingBackend {
                 live,
                 live_host_bytes: live_bytes,
                 live_device_bytes: 0,
+                ..Default::default()
             }
             .log();
         }

@@ -27,6 +27,7 @@ use serde::Deserialize;
 
 use crate::attention::causal_mask;
 use crate::prefill::FAST_PREFILL_MIN_TOKENS;
+pub use crate::rope::Rotary;
 
 // ---------------------------------------------------------------- config ---
 
@@ -209,89 +210,6 @@ pub fn llama3_inv_freq(
             }
         })
         .collect()
-}
-
-/// Precomputed cos/sin tables `(max_positions, head_dim / 2)`.
-#[derive(Debug, Clone)]
-pub struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
-    /// Adjacent pairs (GGUF) instead of halves (HF).
-    interleaved: bool,
-    max_positions: usize,
-}
-
-impl Rotary {
-    /// Tables for positions `0 .. max_positions` from `inv_freq`
-    /// (`head_dim / 2` values), in `dtype` on `device`; `interleaved` rotates
-    /// adjacent pairs (GGUF) instead of halves (HF).
-    ///
-    /// # Errors
-    /// If a tensor cannot be created or converted on `device`.
-    pub fn new(
-        inv_freq: &[f32],
-        max_positions: usize,
-        interleaved: bool,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let inv = Tensor::from_slice(inv_freq, (1, inv_freq.len()), device)?;
-        let t = Tensor::arange(0u32, max_positions as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_positions, 1))?;
-        let freqs = t.matmul(&inv)?;
-        Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-            interleaved,
-            max_positions,
-        })
-    }
-
-    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x, cos, sin)
-        } else {
-            candle_nn::rotary_emb::rope(&x, cos, sin)
-        }
-    }
-
-    /// Rotate `q` `(b, h, s, d)` and `k` `(b, kv_h, s, d)`; sequence `i` of the
-    /// batch starts at position `offsets[i]`.
-    ///
-    /// # Errors
-    /// If `offsets` does not hold one offset per sequence, a position reaches
-    /// `max_positions`, or the rotation fails (an empty batch is refused).
-    pub fn apply(&self, q: &Tensor, k: &Tensor, offsets: &[usize]) -> Result<(Tensor, Tensor)> {
-        let (b, _, s, _) = q.dims4()?;
-        if offsets.len() != b || b == 0 {
-            candle_core::bail!("{} position offsets for a batch of {b}", offsets.len());
-        }
-        if let Some(&last) = offsets.iter().max() {
-            if last + s > self.max_positions {
-                candle_core::bail!(
-                    "position {} is beyond the model's context length of {} tokens",
-                    last + s - 1,
-                    self.max_positions
-                );
-            }
-        }
-        if offsets.windows(2).all(|w| w[0] == w[1]) {
-            let cos = self.cos.narrow(0, offsets[0], s)?;
-            let sin = self.sin.narrow(0, offsets[0], s)?;
-            return Ok((self.rotate(q, &cos, &sin)?, self.rotate(k, &cos, &sin)?));
-        }
-        let mut qs = Vec::with_capacity(b);
-        let mut ks = Vec::with_capacity(b);
-        for (i, &off) in offsets.iter().enumerate() {
-            let cos = self.cos.narrow(0, off, s)?;
-            let sin = self.sin.narrow(0, off, s)?;
-            qs.push(self.rotate(&q.narrow(0, i, 1)?, &cos, &sin)?);
-            ks.push(self.rotate(&k.narrow(0, i, 1)?, &cos, &sin)?);
-        }
-        Ok((Tensor::cat(&qs, 0)?, Tensor::cat(&ks, 0)?))
-    }
 }
 
 // ------------------------------------------------------------- attention ---
@@ -534,6 +452,7 @@ impl LlamaOmniKv {
             dtype,
             device,
         )?);
+        super::attach_rotary(&*backend, &rotary);
         let norm = |vb: VarBuilder| -> Result<RmsNorm> {
             Ok(RmsNorm {
                 weight: vb.get(cfg.hidden_size, "weight")?,
@@ -698,6 +617,7 @@ impl LlamaOmniKv {
             }
         }
         let rotary = Arc::new(Rotary::new(&inv_freq, max_seq_len, true, dtype, device)?);
+        super::attach_rotary(&*backend, &rotary);
         let mut norm = |name: &str| -> anyhow::Result<RmsNorm> {
             Ok(RmsNorm {
                 weight: tensor(name)?.dequantize(device)?,

@@ -24,9 +24,10 @@ pub struct LlamaOmniKvArchitecture;
 /// The prefill kernel the backend asked for: [`PrefillKernel::Fast`] makes
 /// the model keep f32 copies of quantized projection weights for prompt
 /// passes. Backends of other crates (and the host's default) get the stock
-/// arithmetic. The only place the model looks at a backend's concrete type:
-/// the host trait carries no prefill preference, and this crate's backends
-/// are recognised through `KvCacheBackend::as_any`.
+/// arithmetic. With [`attach_rotary`], the only places the model looks at a
+/// backend's concrete type: the host trait carries no prefill preference or
+/// rotary tables, and this crate's backends are recognised through
+/// `KvCacheBackend::as_any`.
 pub(crate) fn prefill_kernel(backend: &dyn KvCacheBackend) -> PrefillKernel {
     let any = backend.as_any();
     if let Some(b) = any.downcast_ref::<OmniKvBackend>() {
@@ -35,6 +36,14 @@ pub(crate) fn prefill_kernel(backend: &dyn KvCacheBackend) -> PrefillKernel {
         b.config().prefill
     } else {
         PrefillKernel::Exact
+    }
+}
+
+/// Hand the model's rotary tables to an `omnikv` backend, whose window
+/// selectors rotate their past queries to the current position with them.
+pub(crate) fn attach_rotary(backend: &dyn KvCacheBackend, rotary: &Arc<crate::rope::Rotary>) {
+    if let Some(b) = backend.as_any().downcast_ref::<OmniKvBackend>() {
+        b.attach_rotary(rotary.clone());
     }
 }
 

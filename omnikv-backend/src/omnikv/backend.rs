@@ -11,11 +11,11 @@
 //!   generated tokens (spec: "Layer roles", "Selection at a filter layer",
 //!   "Sparse attention").
 //!
-//! No row is ever dropped from the cache. Per-sequence facts (prompt length,
-//! past queries of window selectors) live in the host's cache tensors, so the
-//! host's batching and prefix cache carry them along.
+//! No row is ever dropped from the cache. The prompt length comes from the
+//! host with every pass; window selectors keep their filter layers' past
+//! queries in a store of their own ([`super::queries`]), per sequence.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::kv_backend::{
@@ -24,6 +24,7 @@ use mistralrs_core::kv_backend::{
 
 use super::config::{OmniKvConfig, RequestOverride};
 use super::plan::{LayerPlan, LayerRole};
+use super::queries::QueryStore;
 use super::recall::{head_max_distribution, step_recall, Recorder};
 use super::selector::{make_selector, select_keeping, Selector};
 use super::store::{Bytes, StoreUsage, TieredStore};
@@ -31,6 +32,7 @@ use crate::accounting::ReleaseRecord;
 use crate::attention::{attended_rows, exact_attention, sparse_decode_attention};
 use crate::budget::TokenBudget;
 use crate::prefill::dense_attention;
+use crate::rope::Rotary;
 
 /// Name under which the backend is registered with the host.
 pub use crate::names::BACKEND_NAME;
@@ -49,6 +51,12 @@ pub struct OmniKvBackend {
     /// `cpu_num_threads` workers that stage sparse layers' rows while the
     /// wait-load layers compute (created on first use).
     gather_pool: Arc<OnceLock<rayon::ThreadPool>>,
+    /// Window selectors: each filter layer's newest queries, per sequence.
+    queries: Arc<QueryStore>,
+    /// The model's rotary tables, attached at model load
+    /// ([`Self::attach_rotary`]); window selectors re-rotate their queries
+    /// with them.
+    rotary: Arc<Mutex<Option<Arc<Rotary>>>>,
 }
 
 /// A staging job started at a filter layer for one sparse layer and one
@@ -87,6 +95,7 @@ impl OmniKvBackend {
             .clone()
             .map(|p| Arc::new(Recorder::new(p)));
         let store = Arc::new(TieredStore::new(config.max_host_bytes));
+        let queries = Arc::new(QueryStore::new(selector.window()));
         Self {
             config: Arc::new(config),
             selector,
@@ -94,7 +103,50 @@ impl OmniKvBackend {
             recorder,
             store,
             gather_pool: Arc::new(OnceLock::new()),
+            queries,
+            rotary: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Give the backend the model's rotary tables: window selectors score
+    /// their window's queries rotated at the current position (published
+    /// semantics), which needs the model's RoPE. `llama_omnikv` calls this
+    /// at load; the last model attached wins.
+    pub fn attach_rotary(&self, rotary: Arc<Rotary>) {
+        *self.rotary.lock().unwrap_or_else(|e| e.into_inner()) = Some(rotary);
+    }
+
+    /// Sequences with recorded window queries and the bytes they hold
+    /// (window selectors only; see [`super::queries`]).
+    pub fn query_usage(&self) -> (usize, u64) {
+        self.queries.usage()
+    }
+
+    /// Whether the selector looks at more than the current query.
+    fn windowed(&self) -> bool {
+        self.selector.window() > 1
+    }
+
+    /// The window queries `(m, h, d)` of sequence `seq` at filter layer
+    /// `layer`, rotated at the current position `current`.
+    fn window_queries(&self, seq: usize, layer: usize, current: usize) -> Result<Tensor> {
+        let Some((q, positions)) = self.queries.window(seq, layer, current)? else {
+            candle_core::bail!(
+                "omnikv: no window queries recorded for sequence {seq} at filter layer {layer}"
+            );
+        };
+        let rotary = self
+            .rotary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(rotary) = rotary else {
+            candle_core::bail!(
+                "omnikv: the `{:?}` selector needs the model's rotary tables; the `llama_omnikv` model attaches them when it loads",
+                self.config.selector
+            );
+        };
+        rotary.rotate_to(&q, &positions, current)
     }
 
     fn gather_pool(&self) -> Result<&rayon::ThreadPool> {
@@ -175,34 +227,6 @@ impl OmniKvBackend {
         let plan = LayerPlan::new(&self.config, num_layers).map_err(candle_core::Error::msg)?;
         Ok(self.plan.get_or_init(|| plan))
     }
-
-    /// Filter layers of window selectors keep their queries next to the
-    /// values (see [`Self::attention`]).
-    fn keeps_queries(&self, role: LayerRole) -> bool {
-        role == LayerRole::Filter && self.selector.window() > 1
-    }
-}
-
-/// `(b, h, s, d)` -> `(b, kv_h, s, g * d)`: the queries of each KV head's
-/// group side by side, so they can be stored with that head's values.
-fn group_queries(q: &Tensor, kv_h: usize) -> Result<Tensor> {
-    let (b, h, s, d) = q.dims4()?;
-    let g = h / kv_h;
-    q.reshape((b, kv_h, g, s, d))?
-        .permute((0, 1, 3, 2, 4))?
-        .contiguous()?
-        .reshape((b, kv_h, s, g * d))
-}
-
-/// Inverse of [`group_queries`] for one sequence's rows: `(kv_h, w, g * d)` ->
-/// `(w, h, d)`.
-fn ungroup_queries(qg: &Tensor, d: usize) -> Result<Tensor> {
-    let (kv_h, w, gd) = qg.dims3()?;
-    let g = gd / d;
-    qg.reshape((kv_h, w, g, d))?
-        .permute((1, 0, 2, 3))?
-        .contiguous()?
-        .reshape((w, kv_h * g, d))
 }
 
 impl OmniKvBackend {
@@ -335,13 +359,22 @@ impl KvCacheBackend for OmniKvBackend {
     }
 
     fn supports_prefix_cache(&self) -> bool {
-        // A restored prefix would lack the offloaded rows.
-        !self.config.real_offload
+        // A restored prefix would lack the offloaded rows, and the window
+        // queries of the prompt positions it skips (a prefix-cache hit runs
+        // only the rest of the prompt, which may be shorter than the window).
+        !self.config.real_offload && !self.windowed()
     }
 
     fn sequence_finished(&self, seq_id: usize) {
-        if let Some(held) = self.store.release(seq_id) {
+        let queries = self.queries.release(seq_id);
+        let held = match (self.store.release(seq_id), queries) {
+            (Some(held), _) => Some(held),
+            (None, Some(_)) => Some(Default::default()),
+            (None, None) => None,
+        };
+        if let Some(held) = held {
             let now = self.store.usage();
+            let (query_seqs, query_bytes) = self.queries.usage();
             tracing::info!(
                 "omnikv store: released sequence {seq_id} ({} host tier, {} device tier); {} sequence(s) hold {} host, {} device",
                 Bytes(held.host),
@@ -355,9 +388,11 @@ impl KvCacheBackend for OmniKvBackend {
                 seq: seq_id,
                 held_host_bytes: held.host,
                 held_device_bytes: held.device,
-                live: now.sequences,
+                live: now.sequences.max(query_seqs),
                 live_host_bytes: now.total.host,
                 live_device_bytes: now.total.device,
+                held_query_bytes: queries.unwrap_or(0),
+                live_query_bytes: query_bytes,
                 ..Default::default()
             }
             .log();
@@ -466,7 +501,7 @@ impl KvCacheBackend for OmniKvBackend {
             );
         };
         let scale = input.sdpa_params.softmax_scale as f64;
-        let (b, _h, _s, d) = input.q.dims4()?;
+        let (b, _h, _s, _d) = input.q.dims4()?;
         // Every per-sequence vector of the step is indexed by batch row below.
         if b != step.offsets.len() {
             candle_core::bail!(
@@ -479,22 +514,22 @@ impl KvCacheBackend for OmniKvBackend {
         if let (true, LayerRole::Sparse { filter }) = (self.config.real_offload, role) {
             return self.offloaded_attention(input, step, layer, filter, scale);
         }
-        let keeps_queries = self.keeps_queries(role);
-        let (k, v_cached) = if keeps_queries {
-            let v = Tensor::cat(&[input.v, &group_queries(input.q, kv_h)?], 3)?;
-            cache.append(input.k, &v)?
-        } else {
-            cache.append(input.k, input.v)?
-        };
-        let v = if keeps_queries {
-            v_cached.narrow(3, 0, d)?.contiguous()?
-        } else {
-            v_cached.clone()
-        };
+        let windowed = role == LayerRole::Filter && self.windowed();
+        if windowed {
+            let Some(ids) = &step.seq_ids else {
+                candle_core::bail!(
+                    "omnikv: the `{:?}` selector keeps each sequence's window queries and needs the host's sequence ids (mistral.rs with this project's patches)",
+                    self.config.selector
+                );
+            };
+            for (i, (&id, &offset)) in ids.iter().zip(&step.offsets).enumerate() {
+                self.queries.append(id, layer, offset, &input.q.get(i)?)?;
+            }
+        }
+        let (k, v) = cache.append(input.k, input.v)?;
         if let Some(ids) = &step.seq_ids {
             // Device-tier accounting: this layer's rows in the model cache.
-            let row_bytes =
-                ((k.dim(3)? + v_cached.dim(3)?) * kv_h * k.dtype().size_in_bytes()) as u64;
+            let row_bytes = ((k.dim(3)? + v.dim(3)?) * kv_h * k.dtype().size_in_bytes()) as u64;
             let s = input.k.dim(2)?;
             for (&id, &offset) in ids.iter().zip(&step.offsets) {
                 self.store
@@ -522,19 +557,17 @@ impl KvCacheBackend for OmniKvBackend {
                         None => p,
                         Some(budget) => budget.tokens_for(p),
                     };
+                    if budget >= p {
+                        per_seq.push((0..p as u32).collect());
+                        continue;
+                    }
                     let keys = k.get(i)?.narrow(1, 0, p)?; // (kv_h, P, d)
-                    let queries = if keeps_queries {
-                        let w = self.selector.window().min(n);
-                        ungroup_queries(
-                            &v_cached.get(i)?.narrow(1, n - w, w)?.narrow(
-                                2,
-                                d,
-                                v_cached.dim(3)? - d,
-                            )?,
-                            d,
-                        )?
-                    } else {
-                        input.q.get(i)?.transpose(0, 1)? // (1, h, d)
+                    let queries = match &step.seq_ids {
+                        // (m, h, d), all rotated at the current position.
+                        Some(ids) if windowed => {
+                            self.window_queries(ids[i], layer, step.offsets[i])?
+                        }
+                        _ => input.q.get(i)?.transpose(0, 1)?, // (1, h, d)
                     };
                     per_seq.push(select_keeping(
                         &*self.selector,

@@ -13,6 +13,7 @@
 //! | [`config`] | the published JSON schema and the validated runtime config ("Configuration keys (published JSON schema)") |
 //! | [`plan`] | each layer's role: pre-filter dense, filter, wait-load, sparse ("Layer roles") |
 //! | [`selector`] | token scoring and top-k at a filter layer ("Selection at a filter layer") |
+//! | [`queries`] | the window selectors' past queries, per sequence ("Selection at a filter layer") |
 //! | [`backend`] | [`OmniKvBackend`], the host's KV-cache backend: one decode step end to end |
 //! | [`store`] | the tiered KV store behind `real_offload` and per-sequence accounting ("KV placement and offload") |
 //! | `cuda_staging` | pinned staging and the copy stream for offload on a GPU, `cuda-kernels` feature ("KV placement and offload") |
@@ -23,6 +24,7 @@ pub mod config;
 #[cfg(feature = "cuda-kernels")]
 mod cuda_staging;
 pub mod plan;
+pub mod queries;
 pub mod recall;
 pub mod selector;
 pub mod store;

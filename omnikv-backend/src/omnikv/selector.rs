@@ -119,9 +119,17 @@ impl Selector for SoftmaxBeforeLast {
     }
 }
 
-/// Observation window: `s_j = sum_i weight_i * max_h softmax_j(q_i . k_j)`;
-/// `uniform` weighs every query 1, `exp` weighs query `i` (0 = oldest of `w`)
-/// by `0.5^(w-1-i)`.
+/// Observation window: `s_j = sum_i weight_i * max_h softmax_j(q_i . k_j /
+/// sqrt(d))`; `uniform` weighs every query 1, `exp` weighs query `i` (0 =
+/// oldest of the `m <= w` queries given) by `0.5^(m-1-i)`.
+///
+/// Published semantics (OmniKV `modeling/omnikv.py`,
+/// `select_tokens_by_attn_universal`): the queries are the window's hidden
+/// states projected with `q_proj` and all rotated at the *current* decode
+/// position, and the softmax over `j` runs over the candidate positions only
+/// (the prompt without its tail inside the window). [`select_keeping`] passes
+/// only the candidates' keys; the backend rotates the window
+/// ([`super::queries`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
     /// `w`, the number of newest queries scored (`window_size`).
@@ -188,7 +196,12 @@ pub struct Keep {
 /// Returns the sorted prompt positions to attend. While a window selector's
 /// window still reaches into the prompt (`decoded < w`), the last `w - decoded`
 /// prompt positions are kept and `k` shrinks by as many (at least 1), as the
-/// spec's prompt-tail rule says (spec: "Selection at a filter layer").
+/// spec's prompt-tail rule says (spec: "Selection at a filter layer"); the
+/// other prompt positions are the *candidates*, and the selector's softmax
+/// runs over them only (published code: keys cut to `consider_len`).
+///
+/// Window selectors expect `queries` rotated at the current position (see
+/// [`super::queries`]).
 ///
 /// # Errors
 /// As [`select_keeping`].
@@ -243,7 +256,12 @@ pub fn select_keeping(
         return Ok((0..p as u32).collect());
     }
     let rest = p - tail;
-    let scores = selector.scores(queries, prompt_keys, scale)?;
+    // Only the candidates are scored: the prompt tail inside a window
+    // selector's window is kept anyway, and is outside the softmax
+    // normaliser too, as in the published code (its keys are cut to the
+    // candidates before scoring).
+    let candidates = p - window_tail;
+    let scores = selector.scores(queries, &prompt_keys.narrow(1, 0, candidates)?, scale)?;
     // Top-k where the scores are (on the GPU too); only k indices come back.
     let top = omnikv_kernels::ops::top_k(
         &scores.narrow(0, sink, rest - sink)?,
