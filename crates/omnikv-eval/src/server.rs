@@ -91,16 +91,32 @@ impl Server {
 
     /// Like [`Server::start`] with explicit model arguments.
     pub fn start_model(backend: &str, extra: &[&str], model: &[String]) -> Result<Server> {
-        let mut args: Vec<String> = vec!["--host".into(), "127.0.0.1".into()];
-        args.extend(["--kv-cache".to_string(), backend.to_string()]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.extend(model.iter().cloned());
-        Self::start_args(backend, &args)
+        Self::start_model_env(backend, extra, model, &[])
     }
 
     /// `mistralrs serve -p <free port> <args>`; waits until it answers HTTP
     /// on the loopback interface.
     pub fn start_args(label: &str, args: &[String]) -> Result<Server> {
+        Self::start_args_env(label, args, &[])
+    }
+
+    /// [`Server::start_model`] with extra environment variables for the
+    /// server process (e.g. `RUST_BACKTRACE`).
+    pub fn start_model_env(
+        backend: &str,
+        extra: &[&str],
+        model: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Server> {
+        let mut args: Vec<String> = vec!["--host".into(), "127.0.0.1".into()];
+        args.extend(["--kv-cache".to_string(), backend.to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(model.iter().cloned());
+        Self::start_args_env(backend, &args, env)
+    }
+
+    /// [`Server::start_args`] with extra environment variables.
+    pub fn start_args_env(label: &str, args: &[String], env: &[(&str, &str)]) -> Result<Server> {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("omnikv-it-{label}-{port}.log"));
         let log_file = std::fs::File::create(&log)?;
@@ -109,6 +125,7 @@ impl Server {
             .args(["-p", &port.to_string()])
             .args(args)
             .current_dir(root())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
