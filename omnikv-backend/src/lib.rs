@@ -25,6 +25,7 @@
 pub mod accounting;
 pub mod attention;
 pub mod baselines;
+pub mod batch_invariant;
 pub mod budget;
 pub mod model;
 pub mod names;

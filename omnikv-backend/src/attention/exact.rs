@@ -27,6 +27,22 @@ use super::{device_attention, Dims};
 /// # Panics
 /// If `k` has no KV heads (`kv_h == 0`).
 pub fn exact_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    exact_kernel(q, k, v, scale, false)
+}
+
+/// [`exact_attention`] for a prompt pass: every position streams over its
+/// visible keys in order, also when the pass holds a single position (the
+/// rest of a prompt after a prefix-cache hit), so a prompt position's output
+/// does not depend on how its prompt was split into passes. Same shapes,
+/// errors and panics as [`exact_attention`].
+///
+/// # Errors
+/// As [`exact_attention`].
+pub fn exact_prompt_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    exact_kernel(q, k, v, scale, true)
+}
+
+fn exact_kernel(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, prompt: bool) -> Result<Tensor> {
     use rayon::prelude::*;
     if !q.device().is_cpu() {
         return device_attention(q, k, v, scale);
@@ -56,7 +72,7 @@ pub fn exact_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
         &t[base..base + d]
     }
     let mut out = vec![0f32; b * h * s * d];
-    if s == 1 {
+    if s == 1 && !prompt {
         // Keys and values are read in place from the cache (f16/bf16 rows
         // converted a tile at a time), not copied to f32 as a whole: the
         // arithmetic is unchanged, the per-step conversion of the entire

@@ -32,7 +32,7 @@ mod tiled;
 pub use device::{
     chunked_prompt_attention, device_attention, matmul_attention, PROMPT_SCORE_BYTES,
 };
-pub use exact::exact_attention;
+pub use exact::{exact_attention, exact_prompt_attention};
 pub use sparse::{attended_rows, sparse_decode_attention};
 pub use tiled::{tiled_causal_attention, PREFILL_TILE};
 

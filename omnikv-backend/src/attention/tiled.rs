@@ -7,6 +7,7 @@ use candle_core::{DType, Result, Tensor};
 use omnikv_kernels::cpu::exp_nonpositive;
 
 use super::{device_attention, Dims};
+use crate::batch_invariant::{matmul_fixed_blocks, matmul_fixed_rows, pad_rows, K_BLOCK};
 
 /// Lanes of the softmax reductions: independent accumulators, so the max and
 /// sum loops vectorise (a single float accumulator forces sequential order).
@@ -87,29 +88,49 @@ pub fn tiled_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) ->
     let k = k.to_dtype(DType::F32)?.contiguous()?;
     let v = v.to_dtype(DType::F32)?.contiguous()?;
     let mut out = vec![0f32; b * h * s * d];
+    // Keys and values zero-padded to whole reduction blocks: every tile's
+    // products then have fixed shapes without copying (see below).
+    let n_pad = n.div_ceil(K_BLOCK) * K_BLOCK;
     for bi in 0..b {
         for kh in 0..kv_h {
-            let kb = k.get(bi)?.get(kh)?; // (n, d)
-            let vb = v.get(bi)?.get(kh)?;
+            let kb = pad_rows(&k.get(bi)?.get(kh)?, n_pad)?; // (n_pad, d)
+            let vb = pad_rows(&v.get(bi)?.get(kh)?, n_pad)?;
             // (g, s, d): the query heads reading this KV head.
             let qb = q.get(bi)?.narrow(0, kh * g, g)?;
             let mut start = 0;
             while start < s {
                 let c = PREFILL_TILE.min(s - start);
-                let visible = past + start + c;
+                // Keys this tile sees, and that count rounded up to whole
+                // reduction blocks (the extra columns get probability 0).
+                let seen = past + start + c;
+                let visible = seen.div_ceil(K_BLOCK) * K_BLOCK;
                 let qt = qb.narrow(1, start, c)?.contiguous()?.reshape((g * c, d))?;
-                let kt = kb.narrow(0, 0, visible)?;
-                let scores = qt.matmul(&kt.t()?)?; // (g*c, visible)
-                let mut sv = scores.flatten_all()?.to_vec1::<f32>()?;
-                sv.par_chunks_mut(visible).enumerate().for_each(|(r, row)| {
-                    let i = r % c; // query start+i sees keys ..= past+start+i
-                    softmax_prefix(row, past + start + i + 1, scale);
-                });
+                // Batch-invariant products (crate::batch_invariant): every
+                // tile is computed as a full one, and the values' reduction
+                // in fixed key blocks, so a position's output does not
+                // depend on how its prompt was split into passes.
+                let scores =
+                    matmul_fixed_rows(&qt, &kb.narrow(0, 0, seen)?.t()?, g * PREFILL_TILE)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?; // (g*c, seen)
+                let mut sv = vec![0f32; g * c * visible];
+                sv.par_chunks_mut(visible)
+                    .zip(scores.par_chunks(seen))
+                    .enumerate()
+                    .for_each(|(r, (row, sc))| {
+                        row[..seen].copy_from_slice(sc);
+                        let i = r % c; // query start+i sees keys ..= past+start+i
+                        softmax_prefix(&mut row[..seen], past + start + i + 1, scale);
+                    });
                 let probs = Tensor::from_vec(sv, (g * c, visible), dev)?;
-                let o = probs
-                    .matmul(&vb.narrow(0, 0, visible)?)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?; // (g*c, d)
+                let o = matmul_fixed_blocks(
+                    &probs,
+                    &vb.narrow(0, 0, visible)?,
+                    g * PREFILL_TILE,
+                    K_BLOCK,
+                )?
+                .flatten_all()?
+                .to_vec1::<f32>()?; // (g*c, d)
                 for gi in 0..g {
                     let head = kh * g + gi;
                     let dst = ((bi * h + head) * s + start) * d;

@@ -119,12 +119,15 @@ impl EvictingBackend {
             (k.clone(), v.clone())
         } else {
             let (pk, pv) = head_tensors(&rows.heads, d, q.device())?;
+            // Stored rows `(kv_h, stored, d)` before this pass's `(1, kv_h, s, d)`
+            // (a prompt continued after a host chunk).
             (
-                Tensor::cat(&[&pk.to_dtype(k.dtype())?, k], 2)?,
-                Tensor::cat(&[&pv.to_dtype(v.dtype())?, v], 2)?,
+                Tensor::cat(&[&pk.to_dtype(k.dtype())?.unsqueeze(0)?, k], 2)?,
+                Tensor::cat(&[&pv.to_dtype(v.dtype())?.unsqueeze(0)?, v], 2)?,
             )
         };
-        let out = dense_attention(self.config.prefill, q, &k_all, &v_all, scale)?;
+        // Every position of a prompt pass is a prompt position.
+        let out = dense_attention(self.config.prefill, true, q, &k_all, &v_all, scale)?;
         let mass = match self.config.policy {
             EvictionPolicy::H2o { .. } => {
                 Some(causal_attention_mass(&q.get(0)?, &k_all.get(0)?, scale)?)

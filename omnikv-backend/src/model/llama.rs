@@ -26,7 +26,7 @@ use mistralrs_core::kv_backend::{
 use serde::Deserialize;
 
 use crate::attention::causal_mask;
-use crate::prefill::FAST_PREFILL_MIN_TOKENS;
+use crate::batch_invariant::{matmul_fixed_rows, ROW_BLOCK};
 pub use crate::rope::Rotary;
 
 // ---------------------------------------------------------------- config ---
@@ -227,21 +227,47 @@ impl RmsNorm {
 
 /// A projection: the weights as loaded (quantized for GGUF) and, for the fast
 /// prefill, an f32 copy used by prompt passes (candle has no SIMD kernel for
-/// some quantizations, e.g. Q4_1, so long prompts go through the threaded f32
-/// GEMM instead). Steps shorter than [`FAST_PREFILL_MIN_TOKENS`] use the
-/// loaded weights, so short prompts and decode keep the stock arithmetic.
+/// some quantizations, e.g. Q4_1, so prompts go through the threaded f32
+/// GEMM instead). Every prompt pass uses the copy, whatever its length, and
+/// decode steps the loaded weights: each position has one arithmetic
+/// however its prompt was split (see [`crate::prefill`]).
 struct Linear {
     weights: QMatMul,
     prefill_f32: Option<Tensor>,
 }
 
+/// `x` `(.., k)` times `w.t()` (`w` `(n, k)`), each row computed in a
+/// product of exactly [`ROW_BLOCK`] rows ([`crate::batch_invariant`]): a
+/// position's result does not depend on how many positions or sequences
+/// share the pass.
+pub(crate) fn row_invariant_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / k.max(1);
+    let y = matmul_fixed_rows(&x.reshape((rows, k))?, &w.t()?, ROW_BLOCK)?;
+    let mut out = dims;
+    if let Some(last) = out.last_mut() {
+        *last = w.dim(0)?;
+    }
+    y.reshape(out)
+}
+
+/// `x` times the weights of `m`; unquantized weights go through
+/// [`row_invariant_matmul`], so a row's result does not depend on how many
+/// rows (sequences, prompt positions) share the product. Quantized products
+/// are computed row by row already.
+fn project(m: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    match m {
+        QMatMul::Tensor(w) if w.dtype() == x.dtype() => row_invariant_matmul(x, w),
+        _ => m.forward(x),
+    }
+}
+
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, prompt_pass: bool) -> Result<Tensor> {
         match &self.prefill_f32 {
-            Some(w) if x.rank() == 3 && x.dim(1)? >= FAST_PREFILL_MIN_TOKENS => {
-                x.broadcast_matmul(&w.t()?)
-            }
-            _ => self.weights.forward(x),
+            Some(w) if prompt_pass => row_invariant_matmul(&x.to_dtype(w.dtype())?, w),
+            _ => project(&self.weights, x),
         }
     }
 }
@@ -267,6 +293,8 @@ struct LayerCtx<'a> {
     /// Additive causal mask `(s, past + s)` for prompt passes, as the host's
     /// attention expects; `None` for single-token steps.
     mask: Option<&'a Tensor>,
+    /// The pass computes prompt positions (`ForwardInfo::is_prefill`).
+    prompt_pass: bool,
     backend: &'a dyn KvCacheBackend,
     state: &'a mut ForwardState,
 }
@@ -275,9 +303,10 @@ impl Attention {
     fn forward(&self, x: &Tensor, cache: &mut KvCache, ctx: &mut LayerCtx<'_>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let dtype = self.attn_dtype;
-        let q = self.q_proj.forward(x)?.to_dtype(dtype)?;
-        let k = self.k_proj.forward(x)?.to_dtype(dtype)?;
-        let v = self.v_proj.forward(x)?.to_dtype(dtype)?;
+        let pp = ctx.prompt_pass;
+        let q = self.q_proj.forward(x, pp)?.to_dtype(dtype)?;
+        let k = self.k_proj.forward(x, pp)?.to_dtype(dtype)?;
+        let v = self.v_proj.forward(x, pp)?.to_dtype(dtype)?;
         let q = q
             .reshape((b, s, self.num_heads, self.head_dim))?
             .transpose(1, 2)?;
@@ -307,7 +336,7 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?
             .to_dtype(x.dtype())?;
-        self.o_proj.forward(&y)
+        self.o_proj.forward(&y, pp)
     }
 }
 
@@ -320,10 +349,10 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+    fn forward(&self, x: &Tensor, prompt_pass: bool) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, prompt_pass)?.silu()?;
+        let up = self.up_proj.forward(x, prompt_pass)?;
+        self.down_proj.forward(&(gate * up)?, prompt_pass)
     }
 }
 
@@ -345,7 +374,7 @@ impl Block {
         let x = (h + residual)?;
         let h = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+            .forward(&self.post_attention_layernorm.forward(&x)?, ctx.prompt_pass)?;
         h + x
     }
 }
@@ -801,18 +830,21 @@ impl LlamaOmniKv {
         } else {
             None
         };
-        let mut state = self.backend.begin_forward(&ForwardInfo {
+        let info = ForwardInfo {
             batch_size: b,
             seq_len: s,
             seqlen_offsets: offsets,
             num_layers: self.blocks.len(),
             prompt_lens: mistralrs_core::kv_backend::current_prompt_lens(),
-        })?;
+        };
+        let prompt_pass = info.is_prefill();
+        let mut state = self.backend.begin_forward(&info)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let mut ctx = LayerCtx {
                 layer_idx: i,
                 offsets,
                 mask: mask.as_ref(),
+                prompt_pass,
                 backend: &*self.backend,
                 state: &mut state,
             };
@@ -825,7 +857,7 @@ impl LlamaOmniKv {
             picked.push(x.narrow(0, i, 1)?.narrow(1, start, len)?);
         }
         let x = Tensor::cat(&picked, 0)?.contiguous()?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        project(&self.lm_head, &x)?.to_dtype(DType::F32)
     }
 }
 

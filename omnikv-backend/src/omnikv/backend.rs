@@ -67,6 +67,8 @@ type Prefetch = std::sync::mpsc::Receiver<Result<super::store::Staged>>;
 pub struct Step {
     /// A decode step with known prompt lengths: selection is active.
     sparse: bool,
+    /// The pass computes prompt positions (`ForwardInfo::is_prefill`).
+    prompt_pass: bool,
     prompt_lens: Vec<usize>,
     /// Host sequence ids in batch order, when the host provides them.
     seq_ids: Option<Vec<usize>>,
@@ -297,9 +299,10 @@ impl OmniKvBackend {
             )?;
         }
         if !step.sparse {
-            let kernel = self.config.prefill;
-            let attend =
-                |q: &Tensor, k: &Tensor, v: &Tensor| dense_attention(kernel, q, k, v, scale);
+            let (kernel, prompt_pass) = (self.config.prefill, step.prompt_pass);
+            let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                dense_attention(kernel, prompt_pass, q, k, v, scale)
+            };
             if step.offsets.iter().all(|&o| o == 0) {
                 return attend(input.q, input.k, input.v);
             }
@@ -473,6 +476,7 @@ impl KvCacheBackend for OmniKvBackend {
         };
         Ok(Box::new(Step {
             sparse,
+            prompt_pass: info.is_prefill(),
             prompt_lens,
             seq_ids,
             offsets: info.seqlen_offsets.to_vec(),
@@ -538,7 +542,14 @@ impl KvCacheBackend for OmniKvBackend {
         }
 
         if !step.sparse {
-            return dense_attention(self.config.prefill, input.q, &k, &v, scale);
+            return dense_attention(
+                self.config.prefill,
+                step.prompt_pass,
+                input.q,
+                &k,
+                &v,
+                scale,
+            );
         }
         let n = k.dim(2)?;
         if let Some(recorder) = &self.recorder {

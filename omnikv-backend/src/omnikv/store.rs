@@ -49,11 +49,18 @@ impl Rows {
         })
     }
 
-    fn push(&mut self, rows: &Tensor) -> Result<()> {
+    /// Append `rows`; `exact` grows the buffer to exactly the rows it holds
+    /// (host-tier prompt rows: the view stays contiguous, which gathers
+    /// need), otherwise capacity doubles.
+    fn push(&mut self, rows: &Tensor, exact: bool) -> Result<()> {
         let add = rows.dim(1)?;
         let cap = self.buf.dim(1)?;
         if self.len + add > cap {
-            let new_cap = (self.len + add).max(cap * 2).max(16);
+            let new_cap = if exact {
+                self.len + add
+            } else {
+                (self.len + add).max(cap * 2).max(16)
+            };
             let (kv_h, _, d) = self.buf.dims3()?;
             let grown = Tensor::zeros((kv_h, new_cap, d), self.buf.dtype(), self.buf.device())?;
             grown.slice_set(&self.view()?.contiguous()?, 1, 0)?;
@@ -142,11 +149,11 @@ impl Staged {
     }
 }
 
-fn push_pair(slot: &mut Option<(Rows, Rows)>, k: &Tensor, v: &Tensor) -> Result<()> {
+fn push_pair(slot: &mut Option<(Rows, Rows)>, k: &Tensor, v: &Tensor, exact: bool) -> Result<()> {
     match slot {
         Some((kb, vb)) => {
-            kb.push(k)?;
-            vb.push(v)
+            kb.push(k, exact)?;
+            vb.push(v, exact)
         }
         None => {
             *slot = Some((Rows::new(k)?, Rows::new(v)?));
@@ -330,7 +337,10 @@ impl TieredStore {
             }
             let entry = inner.seqs.entry(seq).or_default();
             let rows = entry.sparse.entry(layer).or_default();
-            push_pair(&mut rows.host, &kh, &vh)?;
+            // A prompt split over several passes (a host chunk, a prefix-cache
+            // hit) grows the host rows exactly, so they stay one contiguous
+            // block for the gathers.
+            push_pair(&mut rows.host, &kh, &vh, true)?;
             let after = pair_bytes(&rows.host);
             inner.host_total += after - entry_before;
         }
@@ -340,7 +350,12 @@ impl TieredStore {
                 v.narrow(1, to_host, s - to_host)?,
             );
             let entry = inner.seqs.entry(seq).or_default();
-            push_pair(&mut entry.sparse.entry(layer).or_default().tail, &kt, &vt)?;
+            push_pair(
+                &mut entry.sparse.entry(layer).or_default().tail,
+                &kt,
+                &vt,
+                false,
+            )?;
         }
         Ok(())
     }
