@@ -6,7 +6,7 @@ MODEL_DIR := models/smollm2
 MODEL_FILE := SmolLM2-135M-Instruct.Q4_1.gguf
 PORT ?= 1234
 KV_CACHE ?= omnikv
-KV_CACHE_CONFIG ?= configs/example.json
+KV_CACHE_CONFIG ?= configs/serve.json
 CARGO ?= cargo
 
 .PHONY: prepare build serve test eval ab calibrate fixtures cuda-check fmt

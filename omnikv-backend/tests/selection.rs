@@ -654,6 +654,25 @@ fn prompts_below_min_prompt_len_decode_densely() {
 }
 
 #[test]
+fn min_selected_tokens_floors_the_configured_budget() {
+    let cfg = |floor: usize| serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 3, "min_selected_tokens": floor});
+    let dense = decode(
+        &tiny(serde_json::json!({"do_select_layers": "1", "num_of_selected_tokens": 1.0})),
+        &IDS,
+        30,
+    );
+    let three = decode(&tiny(cfg(0)), &IDS, 30);
+    assert!(max_diff(&three, &dense) > 1e-3, "3 of 30 rows is sparse");
+    // A floor above the prompt reads it whole: dense decoding exactly.
+    assert_eq!(max_diff(&decode(&tiny(cfg(64)), &IDS, 30), &dense), 0.0);
+    // A floor below the budget changes nothing.
+    assert_eq!(max_diff(&decode(&tiny(cfg(2)), &IDS, 30), &three), 0.0);
+    // In between, more rows than the budget: neither of the two.
+    let twelve = decode(&tiny(cfg(12)), &IDS, 30);
+    assert!(max_diff(&twelve, &dense) > 0.0 && max_diff(&twelve, &three) > 0.0);
+}
+
+#[test]
 fn keeping_sinks_and_recent_tokens() {
     let dev = Device::Cpu;
     let (h, d, p) = (4, 8, 60);

@@ -77,8 +77,9 @@ pub struct Step {
     /// Staging jobs per sparse layer, per sequence (offload only).
     prefetch: std::collections::HashMap<usize, Vec<Option<Prefetch>>>,
     /// Per sequence: `None` decodes densely (selection switched off by the
-    /// request), otherwise the budget to select with.
-    budgets: Vec<Option<TokenBudget>>,
+    /// request), otherwise the budget to select with and the fewest rows it
+    /// keeps (`min_selected_tokens`; 0 for a budget the request set).
+    budgets: Vec<Option<(TokenBudget, usize)>>,
     /// For each layer, the prompt positions it selected, per sequence.
     selections: Vec<Option<Vec<Vec<u32>>>>,
     /// Recording only: each layer's distribution over prompt positions, per
@@ -458,7 +459,10 @@ impl KvCacheBackend for OmniKvBackend {
                     .unwrap_or_default();
                 Ok(match o.enabled {
                     Some(false) => None,
-                    _ => Some(o.budget.unwrap_or(self.config.budget)),
+                    _ => Some(match o.budget {
+                        Some(b) => (b, 0),
+                        None => (self.config.budget, self.config.min_selected_tokens),
+                    }),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -566,7 +570,7 @@ impl KvCacheBackend for OmniKvBackend {
                         // request: keep every row, the sparse layers run dense.
                         _ if p < self.config.min_prompt_len => p,
                         None => p,
-                        Some(budget) => budget.tokens_for(p),
+                        Some((budget, floor)) => budget.tokens_for(p).max(floor).min(p),
                     };
                     if budget >= p {
                         per_seq.push((0..p as u32).collect());

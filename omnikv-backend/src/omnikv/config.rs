@@ -58,6 +58,9 @@ pub struct OmniKvConfigFile {
     pub window_size: Option<u64>,
     /// Not in the published schema: prompts shorter than this decode densely.
     pub min_prompt_len: Option<u64>,
+    /// Not in the published schema: the fewest prompt rows a selection
+    /// keeps under the configured budget (0, the default, is published).
+    pub min_selected_tokens: Option<u64>,
     /// Not in the published schema: `"fast"` (default) or `"exact"`.
     pub prefill: Option<String>,
     /// Not in the published schema: leading prompt tokens always selected.
@@ -91,6 +94,7 @@ const KNOWN_KEYS: &[&str] = &[
     "selector_cls",
     "window_size",
     "min_prompt_len",
+    "min_selected_tokens",
     "prefill",
     "keep_sink_tokens",
     "keep_recent_tokens",
@@ -209,6 +213,7 @@ impl OmniKvConfigFile {
             selector_cls: field(map, "selector_cls", string, &mut e),
             window_size: field(map, "window_size", int, &mut e),
             min_prompt_len: field(map, "min_prompt_len", int, &mut e),
+            min_selected_tokens: field(map, "min_selected_tokens", int, &mut e),
             prefill: field(map, "prefill", string, &mut e),
             keep_sink_tokens: field(map, "keep_sink_tokens", int, &mut e),
             keep_recent_tokens: field(map, "keep_recent_tokens", int, &mut e),
@@ -243,6 +248,11 @@ pub struct OmniKvConfig {
     /// nothing on short prompts); 0, the default, keeps the published
     /// behaviour.
     pub min_prompt_len: usize,
+    /// The fewest prompt rows a selection under the configured budget keeps
+    /// (`min(P, max(k, min_selected_tokens))`): short prompts are read whole,
+    /// long ones are unaffected. 0, the default, keeps the published
+    /// behaviour; a budget a request sets itself is taken as given.
+    pub min_selected_tokens: usize,
     /// Kernels of prompt passes.
     pub prefill: PrefillKernel,
     /// Prompt positions every selection keeps (opt-in; none by default, as
@@ -417,6 +427,13 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
                 u32::MAX
             ));
         }
+        let min_selected_tokens = f.min_selected_tokens.unwrap_or(0);
+        if min_selected_tokens > u32::MAX as u64 {
+            e.push(format!(
+                "`min_selected_tokens` = {min_selected_tokens}: expected 0..={}",
+                u32::MAX
+            ));
+        }
         let prefill = match PrefillKernel::parse(f.prefill.as_deref()) {
             Ok(kernel) => Some(kernel),
             Err(message) => {
@@ -466,6 +483,7 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
             selector: selector.expect("checked above"),
             window_size: window_size as usize,
             min_prompt_len: min_prompt_len as usize,
+            min_selected_tokens: min_selected_tokens as usize,
             prefill: prefill.expect("checked above"),
             keep,
             record_recall: f.record_recall.map(std::path::PathBuf::from),
