@@ -46,6 +46,18 @@ pub fn tool_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// Server arguments that serve the tiny random Llama-3.1 checkpoint
+/// (safetensors, f32; context 256, word-level tokenizer `t3` .. `t255`).
+pub fn tiny_model_args() -> Vec<String> {
+    let dir = root().join("omnikv-backend/tests/fixtures/tiny-llama31");
+    vec![
+        "--dtype".into(),
+        "f32".into(),
+        "-m".into(),
+        dir.display().to_string(),
+    ]
+}
+
 /// Run the CLI to completion with a time limit.
 pub fn run_cli(args: &[&str], timeout: Duration) -> Result<Output> {
     let mut child = Command::new(mistralrs_bin())

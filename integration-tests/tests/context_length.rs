@@ -13,20 +13,10 @@
 
 use std::thread;
 
-use integration_tests::{http, root, serial, Server};
+use integration_tests::{http, serial, tiny_model_args, Server};
 use serde_json::{json, Value};
 
 const CONTEXT: usize = 256;
-
-fn tiny_model() -> Vec<String> {
-    let dir = root().join("omnikv-backend/tests/fixtures/tiny-llama31");
-    vec![
-        "--dtype".into(),
-        "f32".into(),
-        "-m".into(),
-        dir.display().to_string(),
-    ]
-}
 
 /// `n` words of the tiny vocabulary.
 fn words(n: usize, seed: usize) -> String {
@@ -148,7 +138,7 @@ fn check_backend(label: &str, backend: &str, config: Option<Value>) {
         extra = vec!["--kv-cache-config".to_string(), p.display().to_string()];
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let server = Server::start_model(backend, &extra, &tiny_model()).expect("server starts");
+    let server = Server::start_model(backend, &extra, &tiny_model_args()).expect("server starts");
 
     // Context - 20 with `max_tokens` 100: the 20 tokens that fit.
     let near = prompt_of(&server, CONTEXT - 20, 1);
@@ -295,7 +285,7 @@ fn error_bodies_carry_no_backtrace() {
     let server = Server::start_model_env(
         "omnikv",
         &["--kv-cache-config", cfg.to_str().unwrap()],
-        &tiny_model(),
+        &tiny_model_args(),
         &[("RUST_BACKTRACE", "1")],
     )
     .expect("server starts");

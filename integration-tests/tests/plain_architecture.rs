@@ -3,18 +3,12 @@
 //! by the stock Llama model under `--kv-cache default` and by `llama_omnikv`
 //! under `--kv-cache omnikv`, and both give the same greedy tokens.
 
-use integration_tests::{root, serial, Server};
+use integration_tests::{serial, tiny_model_args, Server};
 
 #[test]
 fn safetensors_model_loads_as_llama_omnikv() {
     let _guard = serial();
-    let dir = root().join("omnikv-backend/tests/fixtures/tiny-llama31");
-    let model = vec![
-        "--dtype".to_string(),
-        "f32".into(),
-        "-m".into(),
-        dir.display().to_string(),
-    ];
+    let model = tiny_model_args();
     let config = std::env::temp_dir().join(format!("omnikv-tiny-{}.json", std::process::id()));
     std::fs::write(
         &config,

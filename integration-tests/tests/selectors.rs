@@ -8,7 +8,7 @@
 use std::thread;
 use std::time::Duration;
 
-use integration_tests::{http, root, serial, Server};
+use integration_tests::{http, root, serial, tiny_model_args, Server};
 
 const SELECTORS: [&str; 4] = ["last", "softmax_before_last", "uniform", "exp"];
 
@@ -152,13 +152,7 @@ fn every_selector_serves_the_real_model() {
 #[test]
 fn every_selector_serves_the_tiny_checkpoint() {
     let _guard = serial();
-    let dir = root().join("omnikv-backend/tests/fixtures/tiny-llama31");
-    let model = vec![
-        "--dtype".to_string(),
-        "f32".into(),
-        "-m".into(),
-        dir.display().to_string(),
-    ];
+    let model = tiny_model_args();
     let prompts: Vec<String> = [24, 40, 64]
         .iter()
         .map(|&n| {

@@ -80,16 +80,7 @@ fn run(model: &LlamaOmniKv, ids: &[u32], cuts: &[usize]) -> Vec<Vec<f32>> {
     }
     let mut out = vec![last.unwrap()];
     for (pos, &id) in ids.iter().enumerate().take(TOTAL).skip(PROMPT) {
-        let x = Tensor::new(&[id], &dev).unwrap().unsqueeze(0).unwrap();
-        out.push(
-            model
-                .forward(&x, &[pos], vec![(0, 1)])
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap(),
-        );
+        out.push(common::step_logits(model, &[id], pos, 0));
     }
     out
 }
