@@ -164,6 +164,13 @@ fn stream_terminates() {
             json!({"n": 2, "temperature": 1.0, "seed": seed, "max_tokens": 20}),
         );
         let solo = ok(&server, "/v1/chat/completions", &body);
+        let indices: Vec<u64> = solo["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(indices, [0, 1], "choices are listed by index (seed {seed})");
         let streamed = collect_stream(&stream(&server, "/v1/chat/completions", &body));
         assert_eq!(streamed.len(), 2, "{streamed:?}");
         for (i, (text, reasons)) in streamed.iter().enumerate() {
