@@ -1,19 +1,23 @@
 //! OpenAI API behaviour that clients, evaluation harnesses and agent
 //! frameworks rely on, through the real server on the real model, served
 //! the way `make serve` serves it (`--kv-cache omnikv`, `configs/serve.json`).
-//! One test per fault kind of issue 14 (items 3-9), each fixed by a host
-//! patch in `patches/fixes/`:
+//! One test per fault kind (issue 14, items 3-9, and the faults found while
+//! fixing them), each fixed by a host patch in `patches/fixes/`:
 //!
 //! - streams end with `data: [DONE]` and one finish reason per choice
-//!   (`n > 1`, text ending inside a UTF-8 sequence): core `0004`, server
-//!   `0006`;
+//!   (`n > 1`, text ending inside a UTF-8 sequence, a choice ending on its
+//!   first token): core `0004`, `0009`, server `0006`; non-streamed choices
+//!   are listed by index: core `0010`;
 //! - logprobs are natural-log probabilities in the chat and completions
 //!   shapes: core `0007`;
 //! - `/v1/completions` text keeps its leading space: core `0005`;
 //! - stop strings never reach a stream: core `0006`;
 //! - `seed` reproduces sampling: core `0008`, server `0005`;
 //! - every 4xx/5xx body is the OpenAI error object: server `0007`;
-//! - `prompt` lists and token ids are served: server `0008`.
+//! - `prompt` lists and token ids are served: server `0008` (ids outside the
+//!   vocabulary are refused: core `0011`);
+//! - a client that disconnects stops its generation: core `0012`;
+//! - `logit_bias` is applied: core `0013`.
 //!
 //! Where a client's parsing is the point, the official OpenAI Python client
 //! (`scripts/test-requirements.txt`) checks it too.
@@ -265,6 +269,35 @@ fn logprobs_are_log_probabilities() {
         check_entry(s, 3);
         assert_eq!(s["token"], n["token"]);
     }
+
+    // Tokens whose text is held back (parts of an emoji) still stream their
+    // logprob: one entry per token, as in the non-streamed response.
+    let body = chat(
+        "Say hello 🎉",
+        json!({"logprobs": true, "top_logprobs": 1, "max_tokens": 8}),
+    );
+    let response = ok(&server, "/v1/chat/completions", &body);
+    let tokens: Vec<Value> = response["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["token"].clone())
+        .collect();
+    let events = stream(&server, "/v1/chat/completions", &body);
+    let streamed: Vec<Value> = events
+        .iter()
+        .flat_map(|e| e["choices"].as_array().unwrap())
+        .filter_map(|c| c["logprobs"]["content"].as_array())
+        .flatten()
+        .map(|e| e["token"].clone())
+        .collect();
+    assert_eq!(streamed, tokens, "one streamed logprob per token");
+    assert!(
+        choice_text(&response["choices"][0])
+            .chars()
+            .any(|c| c.len_utf8() == 4),
+        "the answer has a 4-byte character: {response}"
+    );
 
     // Completions: `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`.
     let body = completion(json!("1, 2, 3, 4, 5,"), json!({"logprobs": 2}));
@@ -549,6 +582,16 @@ fn error_bodies_are_openai_objects() {
             completion(json!([]), json!({})),
         ),
         (
+            "token id past the vocabulary",
+            "/v1/completions",
+            completion(json!([1_000_000_000]), json!({})),
+        ),
+        (
+            "token id one past the vocabulary",
+            "/v1/completions",
+            completion(json!([[17, 49152]]), json!({})),
+        ),
+        (
             "unknown model",
             "/v1/chat/completions",
             chat("Hi", json!({"model": "gpt-9"})),
@@ -556,6 +599,10 @@ fn error_bodies_are_openai_objects() {
     ];
     for (what, path, body) in &cases {
         let (status, text) = server.post(path, body).unwrap();
+        assert!(
+            (400..500).contains(&status),
+            "{what} is a client error: {status} {text}"
+        );
         assert_error_object(status, &text, what);
     }
     let (status, text) = http(server.port, "POST", "/v1/completions", Some("{not json")).unwrap();
@@ -578,12 +625,34 @@ fn error_bodies_are_openai_objects() {
         ),
     );
     assert_error_object(status, &text, "no Content-Type");
-    // The server keeps serving.
+    // The server keeps serving, and a bad request does not fail the
+    // requests scheduled with it.
     ok(
         &server,
         "/v1/completions",
         &completion(json!("Hi"), json!({"max_tokens": 2})),
     );
+    let port = server.port;
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let prompt = if i == 2 {
+                json!([49152])
+            } else {
+                json!(format!("Item {i}:"))
+            };
+            let body = completion(prompt, json!({"max_tokens": 4})).to_string();
+            thread::spawn(move || http(port, "POST", "/v1/completions", Some(&body)).unwrap())
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, text) = h.join().unwrap();
+        if i == 2 {
+            assert!((400..500).contains(&status), "{status} {text}");
+            assert_error_object(status, &text, "token id past the vocabulary, batched");
+        } else {
+            assert_eq!(status, 200, "request {i} next to a bad one: {text}");
+        }
+    }
 
     python(
         &server,
@@ -677,5 +746,134 @@ fn prompt_lists_are_served() {
 r = client.completions.create(model='default', prompt=['1, 2, 3, 4,', 'The capital of France is'], temperature=0, max_tokens=12)
 assert [c.index for c in r.choices] == [0, 1], r
 "#,
+    );
+}
+
+#[test]
+fn disconnected_client_stops_generation() {
+    let _guard = serial();
+    // With offload the backend logs a store release when the host drops a
+    // sequence (the served config plus `real_offload`).
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("configs/serve.json")).unwrap())
+            .unwrap();
+    config["real_offload"] = json!(true);
+    let path = std::env::temp_dir().join(format!("openai-api-offload-{}.json", std::process::id()));
+    std::fs::write(&path, config.to_string()).unwrap();
+    let server = Server::start("omnikv", &["--kv-cache-config", path.to_str().unwrap()])
+        .expect("server starts");
+    // A long non-streamed generation (the model counts on to `max_tokens`,
+    // about two minutes here), abandoned by its client after two seconds.
+    let body = completion(
+        json!("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"),
+        json!({"max_tokens": 4000}),
+    )
+    .to_string();
+    // A finished request first, so that the count below starts after the
+    // releases of start-up and warm-up.
+    ok(
+        &server,
+        "/v1/completions",
+        &completion(json!("Hi"), json!({"max_tokens": 2})),
+    );
+    let before = server
+        .wait_for_releases(1, std::time::Duration::from_secs(30))
+        .unwrap()
+        .len();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let before = before.max(server.store_releases().len());
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        thread::sleep(std::time::Duration::from_secs(2));
+    }
+    let released = server.wait_for_releases(before + 1, std::time::Duration::from_secs(30));
+    assert!(
+        released.is_ok(),
+        "the abandoned request kept generating: {}",
+        server.log_tail()
+    );
+    // The server keeps serving.
+    ok(
+        &server,
+        "/v1/completions",
+        &completion(json!("Hi"), json!({"max_tokens": 2})),
+    );
+}
+
+#[test]
+fn logit_bias_is_applied() {
+    let _guard = serial();
+    let server = start();
+    let tok = omnikv_eval::bench_format::gguf_tokenizer(
+        &integration_tests::model_dir().join(integration_tests::MODEL_FILE),
+    )
+    .unwrap();
+    let tokens = |response: &Value| -> Vec<String> {
+        response["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    let prompt = json!("1, 2, 3, 4, 5,");
+    let free = tokens(&ok(
+        &server,
+        "/v1/completions",
+        &completion(prompt.clone(), json!({"max_tokens": 4, "logprobs": 1})),
+    ));
+    let first = tok.encode(free[0].as_str(), false).unwrap().get_ids()[0];
+    // Banned: the greedy first token is never generated.
+    let banned = tokens(&ok(
+        &server,
+        "/v1/completions",
+        &completion(
+            prompt.clone(),
+            json!({"max_tokens": 4, "logprobs": 1, "logit_bias": {first.to_string(): -100.0}}),
+        ),
+    ));
+    assert!(
+        !banned.contains(&free[0]),
+        "{free:?} then, banned, {banned:?}"
+    );
+    // Forced: +100 makes a token the greedy choice at every step.
+    let seven = tok.encode("7", false).unwrap().get_ids()[0];
+    let forced = ok(
+        &server,
+        "/v1/completions",
+        &completion(
+            prompt.clone(),
+            json!({"max_tokens": 4, "logit_bias": {seven.to_string(): 100.0}}),
+        ),
+    );
+    assert_eq!(choice_text(&forced["choices"][0]), "7777", "{forced}");
+    // Chat: with the end-of-turn token banned the answer runs to its limit.
+    let eot = tok.token_to_id("<|im_end|>").unwrap();
+    let long = ok(
+        &server,
+        "/v1/chat/completions",
+        &chat(
+            "Say hi.",
+            json!({"max_tokens": 40, "logit_bias": {eot.to_string(): -100.0}}),
+        ),
+    );
+    assert_eq!(long["choices"][0]["finish_reason"], "length", "{long}");
+    // An id outside the vocabulary is refused.
+    let (status, body) = post(
+        &server,
+        "/v1/completions",
+        &completion(prompt, json!({"logit_bias": {"49152": 5.0}})),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert_error_object(
+        status,
+        &body.to_string(),
+        "logit_bias id past the vocabulary",
     );
 }
