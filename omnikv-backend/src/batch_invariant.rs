@@ -135,17 +135,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use omnikv_kernels::testing::rand_vec as rand;
 
     /// The shapes where candle's plain product is not row-invariant (a lone
     /// row; k = 576, n = 64 at different row counts) and not invariant to

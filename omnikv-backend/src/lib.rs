@@ -11,7 +11,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`names`], [`accounting`], [`budget`] | registered names, per-sequence release records, token budgets and context limits |
+//! | [`names`], [`accounting`], [`telemetry`], [`budget`] | registered names, per-sequence release records, Prometheus metrics and per-sequence statistics, token budgets and context limits |
 //! | [`attention`] | the attention kernels of this crate (exact, tiled, accelerator, sparse), over `omnikv_kernels` |
 //! | [`prefill`] | the one place that decides which kernel a prompt pass runs |
 //! | [`omnikv`] | the OmniKV backend: config, layer plan, selectors, tiered store, calibration recorder |
@@ -32,6 +32,7 @@ pub mod names;
 pub mod omnikv;
 pub mod prefill;
 pub mod rope;
+pub mod telemetry;
 
 use std::sync::{Arc, Once};
 

@@ -186,14 +186,7 @@ mod tests {
             let own = Tensor::cat(&own, 0).unwrap();
             let want = Tensor::cat(&at_target, 0).unwrap();
             let got = rot.rotate_to(&own, &positions, target).unwrap();
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = omnikv_kernels::testing::max_abs_diff(&got, &want);
             assert!(diff < 1e-5, "interleaved {interleaved}: {diff}");
             // Not rotating would be wrong: the test can tell.
             let unrotated = (own - &want).unwrap().abs().unwrap().max_all().unwrap();

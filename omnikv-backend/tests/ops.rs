@@ -1,7 +1,6 @@
 //! The decode-step custom ops (`omnikv_kernels::ops`) against plain
-//! references: their CPU forward passes here, and with the `cuda-kernels`
-//! feature on a machine with a GPU, the CUDA kernels against those CPU
-//! passes (module `cuda` below).
+//! references: their CPU forward passes here (the CUDA kernels against
+//! these CPU passes are `crates/omnikv-kernels/tests/cuda.rs`).
 
 mod common;
 
@@ -12,33 +11,11 @@ use omnikv_backend::attention::{
 use omnikv_backend::omnikv::selector::head_max_scores;
 use omnikv_kernels::cpu::indexed_decode_attention;
 use omnikv_kernels::ops;
-
-/// `(kv_h, n, d)` keys as the model cache hands them out: a view of the first
-/// `n` rows of a larger preallocated buffer (head stride `cap * d`).
-fn cache_view(kv_h: usize, n: usize, d: usize, seed: u64, dtype: DType) -> Tensor {
-    let cap = n + 5;
-    let buf = Tensor::from_vec(
-        common::rand_vec(kv_h * cap * d, seed),
-        (kv_h, cap, d),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .to_dtype(dtype)
-    .unwrap();
-    buf.narrow(1, 0, n).unwrap()
-}
+use omnikv_kernels::testing::{cache_view, SHAPES};
 
 fn query(h: usize, d: usize, seed: u64) -> Tensor {
     Tensor::from_vec(common::rand_vec(h * d, seed), (h, d), &Device::Cpu).unwrap()
 }
-
-/// Shapes: (kv heads, group size, head dim, rows).
-const SHAPES: [(usize, usize, usize, usize); 4] = [
-    (2, 4, 64, 700),
-    (1, 8, 16, 33),
-    (4, 1, 32, 3),
-    (8, 4, 128, 1030),
-];
 
 #[test]
 fn score_max_equals_the_matrix_form() {
@@ -269,130 +246,6 @@ fn device_attention_equals_the_cpu_kernels() {
             )
             .unwrap();
             assert_eq!(common::max_abs_diff(&got.i(1..2).unwrap(), &one), 0.0);
-        }
-    }
-}
-
-/// The CUDA kernels against the CPU forward passes (needs a GPU; built with
-/// `--features cuda-kernels`).
-#[cfg(feature = "cuda-kernels")]
-mod cuda {
-    use super::*;
-    use omnikv_backend::omnikv::store::{delta_stage, Staged};
-
-    fn gpu() -> Device {
-        Device::new_cuda(0).expect("the CUDA tests need a GPU")
-    }
-
-    #[test]
-    fn cuda_ops_equal_their_cpu_forward_passes() {
-        let gpu = gpu();
-        for (i, &(kv_h, g, d, n)) in SHAPES.iter().enumerate() {
-            let h = kv_h * g;
-            let q = query(h, d, 80 + i as u64);
-            for dtype in [DType::F32, DType::F16, DType::BF16] {
-                let k = cache_view(kv_h, n, d, 90 + i as u64, dtype);
-                let v = cache_view(kv_h, n, d, 95 + i as u64, dtype);
-                let (qg, kg, vg) = (
-                    q.to_device(&gpu).unwrap(),
-                    k.to_device(&gpu).unwrap(),
-                    v.to_device(&gpu).unwrap(),
-                );
-                let scale = 1.0 / (d as f64).sqrt();
-                // Scoring.
-                let sc = ops::score_max(&q, &k, scale).unwrap();
-                let sg = ops::score_max(&qg, &kg, scale).unwrap();
-                let diff = common::max_abs_diff(&sc, &sg.to_device(&Device::Cpu).unwrap());
-                assert!(diff < 1e-4, "score {dtype:?} {i}: {diff}");
-                // Top-k over the same scores.
-                for kk in [1, n / 2, n.saturating_sub(1)] {
-                    let want: Vec<u32> = ops::top_k(&sc, kk).unwrap().to_vec1().unwrap();
-                    let got: Vec<u32> = ops::top_k(&sc.to_device(&gpu).unwrap(), kk)
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
-                    assert_eq!(got, want, "top-k {kk} of {n}");
-                }
-                // Gather and decode over an index list.
-                let rows: Vec<u32> = (0..n as u32).filter(|r| r % 2 == 0).collect();
-                let (ic, ig) = (
-                    Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(),
-                    Tensor::new(rows.as_slice(), &gpu).unwrap(),
-                );
-                let gc = ops::gather_rows(&k, &ic).unwrap();
-                let gg = ops::gather_rows(&kg, &ig)
-                    .unwrap()
-                    .to_device(&Device::Cpu)
-                    .unwrap();
-                assert_eq!(common::max_abs_diff(&gc, &gg), 0.0, "gather {dtype:?}");
-                let dc = ops::indexed_decode(&q, &k, &v, &ic, scale).unwrap();
-                let dg = ops::indexed_decode(&qg, &kg, &vg, &ig, scale).unwrap();
-                let diff = common::max_abs_diff(&dc, &dg.to_device(&Device::Cpu).unwrap());
-                assert!(diff < 1e-4, "decode {dtype:?} {i}: {diff}");
-            }
-        }
-    }
-
-    /// Top-k on the GPU ranks ties, NaN and -inf as the CPU does.
-    #[test]
-    fn cuda_top_k_equals_the_cpu_with_ties_and_nan() {
-        let gpu = gpu();
-        for n in [5usize, 1000, 70_000] {
-            let mut scores = common::rand_vec(n, n as u64);
-            for j in (0..n).step_by(3) {
-                scores[j] = 0.5;
-            }
-            for j in (1..n).step_by(11) {
-                scores[j] = f32::NAN;
-            }
-            for j in (2..n).step_by(13) {
-                scores[j] = f32::NEG_INFINITY;
-            }
-            let c = Tensor::from_vec(scores, n, &Device::Cpu).unwrap();
-            let g = c.to_device(&gpu).unwrap();
-            for k in [1, 2, n / 3, n / 2, n - 1] {
-                let want: Vec<u32> = ops::top_k(&c, k).unwrap().to_vec1().unwrap();
-                let got: Vec<u32> = ops::top_k(&g, k).unwrap().to_vec1().unwrap();
-                assert_eq!(got, want, "n {n} k {k}");
-            }
-        }
-    }
-
-    /// Pinned copy stream + merge kernel: the staged rows equal the CPU
-    /// staging, over several steps of changing selections (delta fetch).
-    #[test]
-    fn cuda_staging_equals_cpu_staging() {
-        let gpu = gpu();
-        let (kv_h, p, d) = (2, 500, 64);
-        for dtype in [DType::F16, DType::F32] {
-            let hk = cache_view(kv_h, p, d, 100, dtype);
-            let hv = cache_view(kv_h, p, d, 101, dtype);
-            let mut prev_cpu: Option<Staged> = None;
-            let mut prev_gpu: Option<Staged> = None;
-            for step in 0..6u32 {
-                let sel: Vec<u32> = (0..p as u32)
-                    .filter(|r| (r * 7 + step * 13) % 10 < 3)
-                    .collect();
-                let (c, moved_c) =
-                    delta_stage(&hk, &hv, prev_cpu.as_ref(), &sel, &Device::Cpu).unwrap();
-                let (g, moved_g) = delta_stage(&hk, &hv, prev_gpu.as_ref(), &sel, &gpu).unwrap();
-                assert_eq!(moved_c, moved_g, "step {step}");
-                g.ready.wait_on(&gpu).unwrap();
-                let gk = g.k.to_device(&Device::Cpu).unwrap();
-                let gv = g.v.to_device(&Device::Cpu).unwrap();
-                assert_eq!(
-                    common::max_abs_diff(&c.k, &gk),
-                    0.0,
-                    "{dtype:?} step {step}"
-                );
-                assert_eq!(
-                    common::max_abs_diff(&c.v, &gv),
-                    0.0,
-                    "{dtype:?} step {step}"
-                );
-                prev_cpu = Some(c);
-                prev_gpu = Some(g);
-            }
         }
     }
 }

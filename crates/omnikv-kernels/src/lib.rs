@@ -9,6 +9,8 @@
 //! | [`cpu`] | their CPU passes (the references the CUDA kernels are written against) and the shared decode tiles |
 //! | [`signatures`] | the one table of the CUDA entry points and their argument lists, checked against the `.cu` source |
 //! | `cuda` | the launches (`cuda` feature; PTX built by `build.rs` from `kernels/omnikv_decode.cu`) |
+//! | [`testing`] | deterministic inputs and comparisons for the ops' tests (here and in the backend) |
+//! | `staging` | pinned host buffers, the copy stream and the row merge that stage offloaded rows on a GPU (`cuda` feature) |
 //!
 //! This crate depends on candle only: it knows nothing of models, backend
 //! configuration or selection policy (`omnikv-backend/tests/layering.rs`
@@ -19,3 +21,6 @@ pub mod cpu;
 pub mod cuda;
 pub mod ops;
 pub mod signatures;
+#[cfg(feature = "cuda")]
+pub mod staging;
+pub mod testing;

@@ -43,6 +43,7 @@ impl EvictingBackend {
             EvictionPolicy::Streaming { .. } => STREAMING_NAME,
             EvictionPolicy::SnapKv { .. } => SNAPKV_NAME,
         };
+        crate::telemetry::describe();
         Self {
             name,
             config: Arc::new(config),
@@ -375,16 +376,22 @@ impl KvCacheBackend for EvictingBackend {
 
     fn sequence_finished(&self, seq_id: usize) {
         // One lock: the record's "live" figures are one snapshot.
-        let (removed, live, live_bytes) = {
+        let (removed, live, live_bytes, live_rows) = {
             let mut seqs = self.lock_seqs();
             let removed = seqs.remove(&seq_id);
             let live_bytes: u64 = seqs.values().map(SeqRows::bytes).sum();
-            (removed, seqs.len(), live_bytes)
+            let live_rows: u64 = seqs.values().map(|s| held_of(s).rows).sum();
+            (removed, seqs.len(), live_bytes, live_rows)
         };
         if let Some(s) = removed {
             let held = held_of(&s);
             let layers = s.layers.len().max(1) as u64;
             let heads = s.layers.first().map_or(1, |l| l.heads.len().max(1)) as u64;
+            crate::telemetry::baseline_rows(
+                self.name,
+                live_rows,
+                Some((held.positions * layers * heads).saturating_sub(held.rows)),
+            );
             tracing::info!(
                 "{} cache: released sequence {seq_id} ({} rows, {}; peak {} rows, {}; {} positions, a full cache holds {} rows); {live} sequence(s) live",
                 self.name,
@@ -516,6 +523,10 @@ impl KvCacheBackend for EvictingBackend {
             if layer + 1 == pass.num_layers {
                 s.note_peak();
             }
+        }
+        if layer + 1 == pass.num_layers {
+            let held: u64 = seqs.values().map(|s| held_of(s).rows).sum();
+            crate::telemetry::baseline_rows(self.name, held, None);
         }
         Tensor::cat(&outs, 0)
     }

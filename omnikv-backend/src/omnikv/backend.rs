@@ -16,6 +16,7 @@
 //! queries in a store of their own ([`super::queries`]), per sequence.
 
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::kv_backend::{
@@ -33,6 +34,7 @@ use crate::attention::{attended_rows, exact_attention, sparse_decode_attention};
 use crate::budget::TokenBudget;
 use crate::prefill::dense_attention;
 use crate::rope::Rotary;
+use crate::telemetry::{DenseReason, SequenceStats, StatsTable};
 
 /// Name under which the backend is registered with the host.
 pub use crate::names::BACKEND_NAME;
@@ -57,6 +59,8 @@ pub struct OmniKvBackend {
     /// ([`Self::attach_rotary`]); window selectors re-rotate their queries
     /// with them.
     rotary: Arc<Mutex<Option<Arc<Rotary>>>>,
+    /// Per-sequence statistics; metrics go out through [`crate::telemetry`].
+    stats: Arc<StatsTable>,
 }
 
 /// A staging job started at a filter layer for one sparse layer and one
@@ -85,6 +89,28 @@ pub struct Step {
     /// Recording only: each layer's distribution over prompt positions, per
     /// sequence.
     dists: Vec<Vec<Vec<f32>>>,
+    /// When the pass started, and the time its filter layers spent scoring
+    /// and selecting.
+    started: Instant,
+    selection_time: Duration,
+    /// Some filter layer selected for some sequence in this pass.
+    selected: bool,
+    /// Where the pass reports its figures when it ends (dropped by the model).
+    stats: Arc<StatsTable>,
+    store: Arc<TieredStore>,
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        let (total, per_seq) = self.store.figures();
+        self.stats.after_pass(&total, &per_seq);
+        if self.sparse {
+            crate::telemetry::record_pass_times(
+                self.selected.then_some(self.selection_time.as_secs_f64()),
+                self.started.elapsed().as_secs_f64(),
+            );
+        }
+    }
 }
 
 impl OmniKvBackend {
@@ -99,6 +125,7 @@ impl OmniKvBackend {
             .map(|p| Arc::new(Recorder::new(p)));
         let store = Arc::new(TieredStore::new(config.max_host_bytes));
         let queries = Arc::new(QueryStore::new(selector.window()));
+        crate::telemetry::describe();
         Self {
             config: Arc::new(config),
             selector,
@@ -108,7 +135,14 @@ impl OmniKvBackend {
             gather_pool: Arc::new(OnceLock::new()),
             queries,
             rotary: Arc::new(Mutex::new(None)),
+            stats: Arc::new(StatsTable::default()),
         }
+    }
+
+    /// The statistics of live sequence `seq_id` so far (`None` for a
+    /// sequence this backend has not seen decode).
+    pub fn sequence_stats(&self, seq_id: usize) -> Option<SequenceStats> {
+        self.stats.get(seq_id)
     }
 
     /// Give the backend the model's rotary tables: window selectors score
@@ -370,6 +404,7 @@ impl KvCacheBackend for OmniKvBackend {
     }
 
     fn sequence_finished(&self, seq_id: usize) {
+        self.stats.remove(seq_id);
         let queries = self.queries.release(seq_id);
         let held = match (self.store.release(seq_id), queries) {
             (Some(held), _) => Some(held),
@@ -378,6 +413,7 @@ impl KvCacheBackend for OmniKvBackend {
         };
         if let Some(held) = held {
             let now = self.store.usage();
+            crate::telemetry::publish_store(&self.store.figures().0);
             let (query_seqs, query_bytes) = self.queries.usage();
             tracing::info!(
                 "omnikv store: released sequence {seq_id} ({} host tier, {} device tier); {} sequence(s) hold {} host, {} device",
@@ -409,6 +445,10 @@ impl KvCacheBackend for OmniKvBackend {
                 );
             }
         }
+    }
+
+    fn sequence_stats(&self, seq_id: usize) -> Option<serde_json::Value> {
+        serde_json::to_value(self.stats.requested(seq_id)?).ok()
     }
 
     fn validate_request_options(&self, options: &serde_json::Value) -> anyhow::Result<()> {
@@ -448,15 +488,27 @@ impl KvCacheBackend for OmniKvBackend {
             _ => (false, Vec::new()),
         };
         let options = mistralrs_core::kv_backend::current_request_options();
+        let request = |i: usize| -> Result<RequestOverride> {
+            Ok(options
+                .as_ref()
+                .and_then(|o| o.get(i).cloned().flatten())
+                .map(|v| RequestOverride::from_value(&v))
+                .transpose()
+                .map_err(candle_core::Error::msg)?
+                .unwrap_or_default())
+        };
+        let seq_ids = mistralrs_core::kv_backend::current_sequence_ids()
+            .filter(|ids| ids.len() == info.batch_size);
+        if let Some(ids) = &seq_ids {
+            for (i, &id) in ids.iter().enumerate() {
+                if request(i)?.stats {
+                    self.stats.request(id);
+                }
+            }
+        }
         let budgets = (0..prompt_lens.len())
             .map(|i| {
-                let o = options
-                    .as_ref()
-                    .and_then(|o| o.get(i).cloned().flatten())
-                    .map(|v| RequestOverride::from_value(&v))
-                    .transpose()
-                    .map_err(candle_core::Error::msg)?
-                    .unwrap_or_default();
+                let o = request(i)?;
                 Ok(match o.enabled {
                     Some(false) => None,
                     _ => Some(match o.budget {
@@ -466,12 +518,23 @@ impl KvCacheBackend for OmniKvBackend {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let seq_ids = mistralrs_core::kv_backend::current_sequence_ids()
-            .filter(|ids| ids.len() == info.batch_size);
         if self.config.real_offload && (seq_ids.is_none() || info.prompt_lens.is_none()) {
             candle_core::bail!(
                 "omnikv: `real_offload` needs the host to report sequence ids and prompt lengths (mistral.rs with this project's patches, text pipeline); set `real_offload` = false to run here"
             );
+        }
+        if sparse && self.recorder.is_none() {
+            for (i, budget) in budgets.iter().enumerate() {
+                let dense = if budget.is_none() {
+                    Some(DenseReason::Request)
+                } else if prompt_lens[i] < self.config.min_prompt_len {
+                    Some(DenseReason::ShortPrompt)
+                } else {
+                    None
+                };
+                let id = seq_ids.as_ref().map(|ids| ids[i]);
+                self.stats.decode_step(id, dense);
+            }
         }
         let prompt_lens = if self.config.real_offload {
             info.prompt_lens.clone().unwrap_or_default()
@@ -488,6 +551,11 @@ impl KvCacheBackend for OmniKvBackend {
             budgets,
             selections: vec![None; info.num_layers],
             dists: Vec::new(),
+            started: Instant::now(),
+            selection_time: Duration::ZERO,
+            selected: false,
+            stats: self.stats.clone(),
+            store: self.store.clone(),
         }))
     }
 
@@ -562,9 +630,11 @@ impl KvCacheBackend for OmniKvBackend {
         }
         match role {
             LayerRole::Filter => {
+                let started = Instant::now();
                 let mut per_seq = Vec::with_capacity(b);
                 for i in 0..b {
                     let p = step.prompt_lens[i].min(n);
+                    let id = step.seq_ids.as_ref().map(|ids| ids[i]);
                     let budget = match step.budgets[i] {
                         // Short prompt, or selection switched off by the
                         // request: keep every row, the sparse layers run dense.
@@ -572,7 +642,12 @@ impl KvCacheBackend for OmniKvBackend {
                         None => p,
                         Some((budget, floor)) => budget.tokens_for(p).max(floor).min(p),
                     };
+                    let selecting = step.budgets[i].is_some() && p >= self.config.min_prompt_len;
+                    step.selected |= selecting;
                     if budget >= p {
+                        if selecting {
+                            self.stats.selection(id, p, p);
+                        }
                         per_seq.push((0..p as u32).collect());
                         continue;
                     }
@@ -584,7 +659,7 @@ impl KvCacheBackend for OmniKvBackend {
                         }
                         _ => input.q.get(i)?.transpose(0, 1)?, // (1, h, d)
                     };
-                    per_seq.push(select_keeping(
+                    let sel = select_keeping(
                         &*self.selector,
                         &queries,
                         &keys,
@@ -592,13 +667,16 @@ impl KvCacheBackend for OmniKvBackend {
                         budget,
                         n - p,
                         self.config.keep,
-                    )?);
+                    )?;
+                    self.stats.selection(id, sel.len(), p);
+                    per_seq.push(sel);
                 }
                 if let Some(ids) = &step.seq_ids {
                     for (&id, sel) in ids.iter().zip(&per_seq) {
                         self.store.note_selection(id, layer, sel);
                     }
                 }
+                step.selection_time += started.elapsed();
                 tracing::trace!("omnikv layer {layer}: selected {per_seq:?} of {n} rows");
                 step.selections[layer] = Some(per_seq);
                 if self.config.real_offload {

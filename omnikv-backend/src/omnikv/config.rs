@@ -551,25 +551,29 @@ impl OmniKvConfig {
 /// Per-request override of the `omnikv` backend, the `kv_cache` field of a
 /// chat or completion request: `{"enabled": false}` decodes this request with
 /// full attention, `{"budget": 0.2}` (a fraction or a token count) changes its
-/// budget. Absent keys keep the server's configuration.
+/// budget, `{"stats": true}` returns the request's statistics in
+/// `usage.kv_cache_stats`. Absent keys keep the server's configuration.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RequestOverride {
     /// `Some(false)`: full attention for this request.
     pub enabled: Option<bool>,
     /// This request's selection budget instead of `num_of_selected_tokens`.
     pub budget: Option<TokenBudget>,
+    /// `true`: the response's `usage.kv_cache_stats` carries the request's
+    /// statistics ([`crate::telemetry::SequenceStats`]).
+    pub stats: bool,
 }
 
 impl RequestOverride {
     /// The accepted keys and their values, for error messages.
     pub const KEYS: &'static str =
-        "\"enabled\" (true/false), \"budget\" (a token count >= 1 or a fraction in (0, 1])";
+        "\"enabled\" (true/false), \"budget\" (a token count >= 1 or a fraction in (0, 1]), \"stats\" (true/false)";
 
     /// Parse and check a request's `kv_cache` object, every problem at once.
     ///
     /// # Errors
-    /// If `v` is not an object, has a key other than `enabled` and `budget`,
-    /// or a value of the wrong type or range.
+    /// If `v` is not an object, has a key other than `enabled`, `budget` and
+    /// `stats`, or a value of the wrong type or range.
     pub fn from_value(v: &Value) -> Result<Self, ConfigErrors> {
         let Some(map) = v.as_object() else {
             return Err(ConfigErrors(vec![format!(
@@ -593,6 +597,13 @@ impl RequestOverride {
                     Some(b) => out.budget = Some(b),
                     None => e.push(format!(
                         "`budget` = {}: expected a token count >= 1 or a fraction in (0, 1]",
+                        short(value)
+                    )),
+                },
+                "stats" => match value.as_bool() {
+                    Some(b) => out.stats = b,
+                    None => e.push(format!(
+                        "`stats` = {}: expected true or false",
                         short(value)
                     )),
                 },

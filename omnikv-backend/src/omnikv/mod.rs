@@ -16,13 +16,10 @@
 //! | [`queries`] | the window selectors' past queries, per sequence ("Selection at a filter layer") |
 //! | [`backend`] | [`OmniKvBackend`], the host's KV-cache backend: one decode step end to end |
 //! | [`store`] | the tiered KV store behind `real_offload` and per-sequence accounting ("KV placement and offload") |
-//! | `cuda_staging` | pinned staging and the copy stream for offload on a GPU, `cuda-kernels` feature ("KV placement and offload") |
 //! | [`recall`] | the calibration recorder: inter-layer recall and filter-layer proposals ("Finding filter layers") |
 
 pub mod backend;
 pub mod config;
-#[cfg(feature = "cuda-kernels")]
-mod cuda_staging;
 pub mod plan;
 pub mod queries;
 pub mod recall;

@@ -29,6 +29,8 @@ use std::sync::Mutex;
 
 use candle_core::{Device, Result, Tensor};
 
+use crate::telemetry::{SequenceFigures, StoreFigures};
+
 /// A growable `(kv_h, len, d)` row buffer (capacity doubles, so appending a
 /// row per decode step costs amortised O(1) copies).
 #[derive(Debug)]
@@ -109,12 +111,12 @@ pub struct Staged {
 }
 
 /// Completion of a staging copy. On CUDA the copy runs on a copy stream
-/// (`super::cuda_staging`) and the consumer's compute stream must wait for
+/// (`omnikv_kernels::staging`) and the consumer's compute stream must wait for
 /// it; everywhere else the copy is complete when the staging exists.
 #[derive(Clone, Default)]
 pub struct Ready {
     #[cfg(feature = "cuda-kernels")]
-    copy: Option<super::cuda_staging::CopyDone>,
+    copy: Option<omnikv_kernels::staging::CopyDone>,
 }
 
 impl Ready {
@@ -181,6 +183,10 @@ struct SeqEntry {
     /// Rows of the previous step's selection, per filter layer (delta fetch
     /// statistics).
     last_selection: BTreeMap<usize, Vec<u32>>,
+    /// Prompt rows this sequence's delta fetches copied from the host tier.
+    moved_rows: u64,
+    /// Prompt rows staged for it.
+    staged_rows: u64,
 }
 
 impl SeqEntry {
@@ -411,6 +417,10 @@ impl TieredStore {
         let mut inner = self.lock();
         inner.moved_rows += moved as u64;
         inner.staged_rows += selection.len() as u64;
+        if let Some(e) = inner.seqs.get_mut(&seq) {
+            e.moved_rows += moved as u64;
+            e.staged_rows += selection.len() as u64;
+        }
         if let Some(rows) = inner
             .seqs
             .get_mut(&seq)
@@ -512,6 +522,31 @@ impl TieredStore {
         Some(held)
     }
 
+    /// The store's figures for the metrics: totals, and per live sequence.
+    pub fn figures(&self) -> (StoreFigures, Vec<SequenceFigures>) {
+        let inner = self.lock();
+        let mut per_seq: Vec<SequenceFigures> = inner
+            .seqs
+            .iter()
+            .map(|(&seq, e)| SequenceFigures {
+                seq,
+                host_bytes: e.host_bytes(),
+                device_bytes: e.device_bytes(),
+                moved_rows: e.moved_rows,
+                staged_rows: e.staged_rows,
+            })
+            .collect();
+        per_seq.sort_unstable_by_key(|f| f.seq);
+        let total = StoreFigures {
+            host_bytes: per_seq.iter().map(|f| f.host_bytes).sum(),
+            device_bytes: per_seq.iter().map(|f| f.device_bytes).sum(),
+            sequences: per_seq.len(),
+            staged_rows: inner.staged_rows,
+            moved_rows: inner.moved_rows,
+        };
+        (total, per_seq)
+    }
+
     /// A snapshot of the accounting: bytes per tier, per sequence and in
     /// total, and the delta-fetch counters.
     pub fn usage(&self) -> StoreUsage {
@@ -600,7 +635,7 @@ pub fn delta_stage(
     #[cfg(feature = "cuda-kernels")]
     if let (Device::Cuda(dev), true) = (device, host.is_cpu()) {
         // Pinned buffer, copy stream, merge kernel, event.
-        let (k, v, copy) = super::cuda_staging::stage(
+        let (k, v, copy) = omnikv_kernels::staging::stage(
             host_k,
             host_v,
             prev.map(|p| (&p.k, &p.v)),

@@ -37,16 +37,8 @@ pub fn token_ids(n: usize, seed: u32) -> Vec<u32> {
 }
 
 /// Largest |a - b| over all elements, compared in f32.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+#[allow(unused_imports)] // not every test binary compares tensors
+pub use omnikv_kernels::testing::max_abs_diff;
 
 /// Logits of the last of `x`'s tokens (position `last` in `x`), fed at
 /// `offset`, for one sequence.
@@ -75,14 +67,5 @@ pub fn decode_steps(model: &LlamaOmniKv, seq: usize, ids: &[u32], prompt: usize)
 }
 
 /// Deterministic values in [-1, 1) (xorshift).
-pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+#[allow(unused_imports)] // not every test binary draws random values
+pub use omnikv_kernels::testing::rand_vec;

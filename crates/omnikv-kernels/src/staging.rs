@@ -1,11 +1,12 @@
-//! Host-to-device staging of offloaded prompt rows on CUDA (`real_offload`
-//! with the model on a GPU; spec: "KV placement and offload", the
-//! improvements it asks for).
+//! Host-to-device staging of offloaded prompt rows on CUDA (`cuda` feature;
+//! used by the backend's store for `real_offload` with the model on a GPU;
+//! spec: "KV placement and offload", the improvements it asks for).
 //!
 //! The published code gathers with `index_select` from pageable host memory
 //! on the default stream, so the copy cannot overlap anything. Here, per
 //! staging job (one sparse layer of one sequence, run on the backend's
-//! gather workers while the wait-load layer computes):
+//! gather workers while the wait-load layer computes; the backend decides
+//! which rows are fresh and the order, this module only moves them):
 //!
 //! 1. the newly selected rows are copied on the CPU into a **pinned** buffer
 //!    (reused from a pool; reuse waits for the buffer's previous copy);
@@ -14,7 +15,7 @@
 //!    previous step's staging and the new rows (delta fetch);
 //! 4. an **event** is recorded on the copy stream. The sparse layer makes
 //!    the compute stream wait on it just before its attention
-//!    ([`super::store::Ready::wait_on`]), so the first sparse layer waits
+//!    (the store's `Ready::wait_on`, through [`CopyDone::wait_on`]), so the first sparse layer waits
 //!    only for its own rows and no CPU thread blocks on the copy.
 
 use std::collections::HashMap;
@@ -236,7 +237,7 @@ fn stage_t<T: CudaDType + DeviceRepr + WithDType>(
             _ => "bf16",
         }
     );
-    let merge = omnikv_kernels::cuda::func(dev, &name)?;
+    let merge = crate::cuda::func(dev, &name)?;
     let (na, nf, m32, d32) = (
         previous.map_or(0, |(k, _)| k.dim(1).unwrap_or(0)) as i32,
         f as i32,
@@ -281,7 +282,7 @@ fn stage_t<T: CudaDType + DeviceRepr + WithDType>(
             .arg(&m32)
             .arg(&d32);
         // SAFETY: arguments as `omnikv_merge_rows_{T}` in
-        // `omnikv_kernels::signatures::KERNELS`: the previous staging (`na` rows
+        // `crate::signatures::KERNELS`: the previous staging (`na` rows
         // per head, contiguous, checked above; the fresh rows stand in when there
         // is none and `na == 0`), the `nf` fresh rows, `order` with `m` entries
         // each naming a row of one of the two (built by the store's delta fetch),
