@@ -143,12 +143,6 @@ impl StatsTable {
         }
     }
 
-    /// The figures of `seq` so far.
-    pub fn get(&self, seq: usize) -> Option<SequenceStats> {
-        let seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
-        seqs.get(&seq).map(|e| finish(e.stats.clone()))
-    }
-
     /// The figures of `seq` if its request asked for them.
     pub fn requested(&self, seq: usize) -> Option<SequenceStats> {
         let seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,10 +151,10 @@ impl StatsTable {
             .map(|e| finish(e.stats.clone()))
     }
 
-    /// Forget `seq`; returns its figures.
-    pub fn remove(&self, seq: usize) -> Option<SequenceStats> {
+    /// Forget `seq` (it was released).
+    pub fn remove(&self, seq: usize) {
         let mut seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
-        seqs.remove(&seq).map(|e| finish(e.stats))
+        seqs.remove(&seq);
     }
 }
 

@@ -34,7 +34,7 @@ use crate::attention::{attended_rows, exact_attention, sparse_decode_attention};
 use crate::budget::TokenBudget;
 use crate::prefill::dense_attention;
 use crate::rope::Rotary;
-use crate::telemetry::{DenseReason, SequenceStats, StatsTable};
+use crate::telemetry::{DenseReason, StatsTable};
 
 /// Name under which the backend is registered with the host.
 pub use crate::names::BACKEND_NAME;
@@ -137,12 +137,6 @@ impl OmniKvBackend {
             rotary: Arc::new(Mutex::new(None)),
             stats: Arc::new(StatsTable::default()),
         }
-    }
-
-    /// The statistics of live sequence `seq_id` so far (`None` for a
-    /// sequence this backend has not seen decode).
-    pub fn sequence_stats(&self, seq_id: usize) -> Option<SequenceStats> {
-        self.stats.get(seq_id)
     }
 
     /// Give the backend the model's rotary tables: window selectors score
@@ -412,16 +406,16 @@ impl KvCacheBackend for OmniKvBackend {
             (None, None) => None,
         };
         if let Some(held) = held {
-            let now = self.store.usage();
-            crate::telemetry::publish_store(&self.store.figures().0);
+            let (now, _) = self.store.figures();
+            crate::telemetry::publish_store(&now);
             let (query_seqs, query_bytes) = self.queries.usage();
             tracing::info!(
                 "omnikv store: released sequence {seq_id} ({} host tier, {} device tier); {} sequence(s) hold {} host, {} device",
                 Bytes(held.host),
                 Bytes(held.device),
                 now.sequences,
-                Bytes(now.total.host),
-                Bytes(now.total.device)
+                Bytes(now.host_bytes),
+                Bytes(now.device_bytes)
             );
             ReleaseRecord {
                 backend: BACKEND_NAME.into(),
@@ -429,8 +423,8 @@ impl KvCacheBackend for OmniKvBackend {
                 held_host_bytes: held.host,
                 held_device_bytes: held.device,
                 live: now.sequences.max(query_seqs),
-                live_host_bytes: now.total.host,
-                live_device_bytes: now.total.device,
+                live_host_bytes: now.host_bytes,
+                live_device_bytes: now.device_bytes,
                 held_query_bytes: queries.unwrap_or(0),
                 live_query_bytes: query_bytes,
                 ..Default::default()
