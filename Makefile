@@ -9,7 +9,7 @@ KV_CACHE ?= omnikv
 KV_CACHE_CONFIG ?= configs/serve.json
 CARGO ?= cargo
 
-.PHONY: prepare build serve test eval ab calibrate fixtures cuda-check fmt
+.PHONY: prepare build serve test eval ab calibrate peers fixtures cuda-check gpu-bundle fmt
 
 ## Extract and patch the pinned host crates, fetch the model, install the
 ## OpenAI Python client the streaming-error test drives the server with.
@@ -66,15 +66,32 @@ calibrate: build
 	scripts/fetch-haystack.sh
 	target/debug/omnikv-calibrate $(CALIBRATE_ARGS)
 
+## This project against llama.cpp on the same CPU, GGUF and thread count
+## (builds llama.cpp's llama-bench from the llama-cpp-python sdist once;
+## writes results/peers.md and results/peers.svg).
+PEERS_ARGS ?= --repeats 3
+peers: build
+	target/debug/omnikv-peers $(PEERS_ARGS)
+
 ## Rewrite the tiny Llama fixtures (needs torch, transformers, gguf).
 fixtures:
 	python3 scripts/make_tiny_llama_fixtures.py
 
-## Compile-check the CUDA side without a GPU: the kernels with nvcc from
-## PyPI, then omnikv-backend with `cuda-kernels` (own target directory).
+## The CUDA side without a GPU: the kernels compiled for sm_80 and sm_90
+## with nvcc from PyPI, the GPU bundle's kernel tests built and linked for
+## real (target/gpu-bundle), and its run script stopping with "no CUDA
+## device" (exit 3) where there is none; on a GPU machine it runs them.
 cuda-check:
 	scripts/check-cuda-kernels.sh
-	scripts/check-cuda-rust.sh
+	scripts/gpu-bundle.sh --kernels-only
+	@s=0; target/gpu-bundle/bundle/run.sh target/gpu-bundle/check || s=$$?; \
+	  if [ $$s -ne 0 ] && [ $$s -ne 3 ]; then echo "cuda-check: the bundle's run.sh exited $$s" >&2; exit 1; fi; \
+	  echo "ok   GPU bundle run script (exit $$s)"
+
+## The GPU check as a bundle to carry to a GPU machine (README, CUDA):
+## target/gpu-bundle/bundle/{omnikv-kernels-cuda,synth,run.sh}.
+gpu-bundle:
+	scripts/gpu-bundle.sh
 
 fmt:
 	$(CARGO) fmt -p omnikv-kernels -p omnikv-backend -p omnikv-eval -p omnikv-tools -p integration-tests

@@ -14,8 +14,13 @@ venv="$root/.venv-nvcc"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-if ! ls "$venv"/lib/python*/site-packages/nvidia/cu13/bin/nvcc >/dev/null 2>&1; then
-  "$venv/bin/pip" install -q "nvidia-cuda-nvcc==13.5.37" "nvidia-cuda-runtime==13.5.37" "nvidia-cuda-cccl==13.3.5.0.6"
+# CUDA 13.0: PTX from a newer nvcc does not load on a CUDA 13.0 driver (R580),
+# which the GPU bundle (scripts/gpu-bundle.sh) must run on.
+toolkit=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
+  nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
+if [ "$(cat "$venv/toolkit" 2>/dev/null)" != "${toolkit[*]}" ]; then
+  "$venv/bin/pip" install -q --disable-pip-version-check "${toolkit[@]}"
+  echo "${toolkit[*]}" > "$venv/toolkit"
 fi
 site=$(ls -d "$venv"/lib/python*/site-packages | head -n1)
 nvcc="$site/nvidia/cu13/bin/nvcc"

@@ -38,7 +38,7 @@ use mistralrs_core::kv_backend::{
     SdpaParams, SequenceIdsScope,
 };
 use omnikv_backend::{OmniKvBackend, OmniKvConfig};
-use omnikv_eval::eval::{machine_description, median};
+use omnikv_eval::eval::{machine_description_on, median};
 
 /// The workspace root (results are written relative to it).
 fn root() -> std::path::PathBuf {
@@ -251,6 +251,11 @@ fn main() -> Result<()> {
         )?,
         other => bail!("--device must be cpu or cuda, got {other}"),
     };
+    // The GPU's name, for the report: `GPU_NAME` (the bundle's run.sh sets
+    // it from nvidia-smi), else the device ordinal.
+    let gpu_name = dev
+        .is_cuda()
+        .then(|| std::env::var("GPU_NAME").unwrap_or_else(|_| "CUDA device 0".into()));
     if steps == 0 || lengths.is_empty() {
         bail!("--steps and --lengths must be non-empty");
     }
@@ -416,7 +421,7 @@ fn main() -> Result<()> {
          Command: `{command}`\n\n\
          | context | stock step | dense step (our kernels) | OmniKV step | vs stock | vs dense | OmniKV + offload step | vs stock | bound (bytes) | share of bound | selection share | device-tier KV stock | device-tier KV offload | host tier |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-        machine_description(),
+        machine_description_on(gpu_name.as_deref()),
         gib(model.weight_bytes as f64),
         sparse_layers.len(),
     );

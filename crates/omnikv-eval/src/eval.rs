@@ -676,8 +676,14 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// A short description of this machine for result files.
+/// A short description of this machine for result files (CPU-only runs).
 pub fn machine_description() -> String {
+    machine_description_on(None)
+}
+
+/// [`machine_description`] for a run on `gpu` (its name), or on the CPU
+/// alone (`None`).
+pub fn machine_description_on(gpu: Option<&str>) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -700,8 +706,9 @@ pub fn machine_description() -> String {
         })
         .map(|kib| kib / (1024.0 * 1024.0))
         .unwrap_or(0.0);
+    let gpu = gpu.map_or_else(|| "no GPU".to_string(), |g| format!("GPU: {g}"));
     format!(
-        "{cpu}, {cores} cores, {mem_gib:.0} GiB RAM, no GPU; build: {}",
+        "{cpu}, {cores} cores, {mem_gib:.0} GiB RAM, {gpu}; build: {}",
         build_profile()
     )
 }

@@ -1,7 +1,8 @@
 //! The CUDA kernels against their CPU forward passes, and the GPU staging
 //! (`staging::stage`) against a CPU gather of the same rows. Built with
 //! `--features cuda`; needs a GPU at run time (each test fails with "no CUDA
-//! device" without one). Compile-checked in CI by `make cuda-check`.
+//! device" without one). Built and linked in CI by `make cuda-check`; carried
+//! to a GPU machine in the bundle of `make gpu-bundle` (README, CUDA).
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
