@@ -9,7 +9,7 @@ KV_CACHE ?= omnikv
 KV_CACHE_CONFIG ?= configs/serve.json
 CARGO ?= cargo
 
-.PHONY: prepare build serve test eval ab calibrate peers fixtures cuda-check gpu-bundle fmt
+.PHONY: prepare build serve test eval divergence ab calibrate peers fixtures cuda-check gpu-bundle fmt
 
 ## Extract and patch the pinned host crates, fetch the model, install the
 ## OpenAI Python client the streaming-error test drives the server with.
@@ -45,6 +45,15 @@ eval: build
 	scripts/fetch-haystack.sh
 	target/debug/omnikv-eval $(EVAL_ARGS)
 
+## Teacher-forced divergence from full attention, in process (writes
+## results/fidelity-tf.md and its plots; resumable).
+DIVERGENCE_VARIANTS := full-exact-prefill,omnikv@0.05,omnikv@0.1,omnikv@0.2,h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32,omnikv@0.1:selector_cls=softmax_before_last,omnikv@0.1:do_select_layers=[3,6,19],omnikv@0.1:do_select_layers=[2,10,14,19],omnikv@0.1:num_wait_load_layers=2,omnikv@0.1:do_select_layers=[8,18],omnikv@0.1:do_select_layers=[18],omnikv@0.2:selection_mass=0.9,omnikv@0.5:selection_mass=0.95,omnikv@0.05:do_select_layers=[4,8,17,22]+num_wait_load_layers=0,omnikv@0.1:do_select_layers=[4,8,17,22]+num_wait_load_layers=0,omnikv@0.2:do_select_layers=[4,8,17,22]+num_wait_load_layers=0
+DIVERGENCE_ARGS ?= --lengths 1024,4096,7680 --docs 4,4,2 --steps 64 --exact-prefill-lengths 1024,4096 \
+  --config configs/smollm2-135m-published.json --variants "$(DIVERGENCE_VARIANTS)"
+divergence: build
+	scripts/fetch-haystack.sh
+	target/debug/omnikv-divergence $(DIVERGENCE_ARGS)
+
 ## A/B: the stock cache, OmniKV and the token-dropping baselines at three
 ## budgets on needle-in-a-haystack, two-stage retrieval (chat and
 ## chain-of-thought), two needles and the committed LongBench/InfiniteBench
@@ -60,8 +69,8 @@ ab: build
 	target/debug/omnikv-eval $(AB_ARGS)
 
 ## Filter-layer calibration (writes configs/smollm2-135m*.{json,svg,md}).
-CALIBRATE_ARGS ?= --filters 3 --wait-load 1 --budget 0.1 --candidates "2,8,18;3,6,19;2,10,14,19" \
-  --base configs/smollm2-135m.json --out configs/smollm2-135m.json
+CALIBRATE_ARGS ?= --filters 1,2,3,4 --wait-load 0,1,2 --first 1,2,3,4 --budget 0.1 \
+  --candidates "2,8,18" --greedy-top 2 --base configs/smollm2-135m.json --out configs/smollm2-135m.json
 calibrate: build
 	scripts/fetch-haystack.sh
 	target/debug/omnikv-calibrate $(CALIBRATE_ARGS)

@@ -97,3 +97,91 @@ fn calibration_writes_config_recall_and_heatmap() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn calibration_ranks_candidates_by_teacher_forced_kl_on_the_gguf() {
+    // The real SmolLM2 GGUF, short inputs: recall from three short prompts,
+    // the candidates ranked by KL on one held-out code document of 300
+    // tokens, the best one also served for greedy agreement.
+    let _guard = serial();
+    let dir = std::env::temp_dir().join(format!("omnikv-calib-kl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("prompts.json");
+    std::fs::write(
+        &prompts,
+        r#"["Summarise the plot of Hamlet in three sentences, naming every main character and what happens to each of them by the end of the play.", "List the planets of the solar system in order from the Sun, with one fact about each planet.", "Explain how a hash map works, including collisions, resizing and the cost of lookups."]"#,
+    )
+    .unwrap();
+    let heldout = dir.join("heldout.json");
+    std::fs::write(
+        &heldout,
+        r#"["Name three rivers in Europe and the seas they flow into."]"#,
+    )
+    .unwrap();
+    let out = dir.join("smol.json");
+    let run = Command::new(tool_bin("omnikv-calibrate"))
+        .args([
+            "--filters",
+            "1,2",
+            "--wait-load",
+            "0",
+            "--first",
+            "2,3",
+            "--budget",
+            "0.1",
+            "--candidates",
+            "2,8",
+            "--max-tokens",
+            "8",
+            "--heldout-docs",
+            "1",
+            "--tf-length",
+            "300",
+            "--tf-steps",
+            "4",
+            "--doc-kinds",
+            "code",
+            "--greedy-top",
+            "1",
+        ])
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--heldout")
+        .arg(&heldout)
+        .arg("--base")
+        .arg(root().join("configs/smollm2-135m.json"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run omnikv-calibrate");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "omnikv-calibrate failed:\n{log}");
+    let md = std::fs::read_to_string(dir.join("smol-calibration.md")).unwrap();
+    assert!(md.contains("ranked by mean teacher-forced KL"), "{md}");
+    // Table rows: rank 1 has a KL and greedy figures; ranks are in KL order.
+    let rows: Vec<Vec<String>> = md
+        .lines()
+        .filter(|l| {
+            l.starts_with("| ")
+                && l.split('|')
+                    .nth(1)
+                    .is_some_and(|c| c.trim().parse::<usize>().is_ok())
+        })
+        .map(|l| l.split('|').map(|c| c.trim().to_string()).collect())
+        .collect();
+    assert!(rows.len() >= 2, "{md}");
+    let kl = |r: &Vec<String>| -> f64 { r[5].split(' ').next().unwrap().parse().unwrap() };
+    assert!(rows.windows(2).all(|w| kl(&w[0]) <= kl(&w[1])), "{md}");
+    assert!(
+        rows[0][9].ends_with("/1") && rows[1][9].is_empty(),
+        "greedy for the best only:\n{md}"
+    );
+    let cfg = OmniKvConfig::from_file(&out).expect("the written config loads");
+    assert_eq!(format!("{:?}", cfg.filter_layers), rows[0][2], "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -141,9 +141,17 @@ fn every_selector_serves_the_real_model() {
             );
         }
         // SmolLM2-135M: 9 query heads of 64 values in the model's 2-byte
-        // attention dtype, 3 filter layers, a window of 16.
+        // attention dtype, one window of 16 per filter layer of the config.
         let windowed = matches!(selector, "uniform" | "exp");
-        let query_bytes = if windowed { 3 * 16 * 9 * 64 * 2 } else { 0 };
+        let filters = omnikv_backend::OmniKvConfig::from_value(&base)
+            .unwrap()
+            .filter_layers
+            .len() as u64;
+        let query_bytes = if windowed {
+            filters * 16 * 9 * 64 * 2
+        } else {
+            0
+        };
         check_releases(&server, selector, before, 2 * prompts.len(), query_bytes);
         let _ = std::fs::remove_file(&path);
     }

@@ -407,12 +407,15 @@ fn nothing_is_evicted_when_the_budget_covers_everything() {
         for cfg in [
             serde_json::json!({"budget": 200}),
             serde_json::json!({"min_prompt_len": 71}),
+            // The whole prompt: nothing goes, also while generating.
+            serde_json::json!({"budget": 1.0}),
         ] {
             let backend = evicting(name, cfg.clone());
             let got = decode(&load(Arc::new(backend.clone())), 1, &toks, 70);
+            // The dense kernel's arithmetic: equal bit for bit.
             let diff = max_diff(&got, &want);
             assert!(
-                diff < 1e-5,
+                diff == 0.0,
                 "{name} {cfg}: differs from dense attention by {diff}"
             );
             assert_eq!(backend.held()[0].1.rows, 80 * 2 * 2, "{name} {cfg}");
@@ -559,4 +562,59 @@ fn bad_configs_are_refused_by_name() {
         Some(41),
         "room for the sinks and one recent row"
     );
+}
+
+#[test]
+fn an_adopted_prompt_equals_a_prompt_pass_of_its_own() {
+    // One keep-everything prefill per policy serves every budget: the rows
+    // a budget adopts from it decode exactly as after its own prompt pass.
+    use common::step_logits;
+    let toks = ids(90, 21);
+    let prompt = 70;
+    for (name, extra) in [
+        ("h2o", serde_json::json!({"min_tokens": 4})),
+        (
+            "snapkv",
+            serde_json::json!({"min_tokens": 4, "window_size": 8}),
+        ),
+        ("streaming", serde_json::json!({"min_tokens": 4})),
+    ] {
+        for budget in [0.1, 0.3] {
+            let mut cfg = extra.clone();
+            cfg["budget"] = budget.into();
+            let own = evicting(name, cfg.clone());
+            let want = decode(&load(Arc::new(own)), 1, &toks, prompt);
+
+            let mut all = extra.clone();
+            all["budget"] = 1.0.into();
+            let source = evicting(name, all);
+            let model = load(Arc::new(source.clone()));
+            let first = {
+                let _scope = ForwardScope::enter(vec![prompt]);
+                let _ids = SequenceIdsScope::enter(vec![5]);
+                step_logits(&model, &toks[..prompt], 0, prompt - 1)
+            };
+            let adopted = evicting(name, cfg.clone());
+            adopted.adopt_prompt(&source, 5, 9).unwrap();
+            let model = load(Arc::new(adopted.clone()));
+            let _scope = ForwardScope::enter(vec![prompt]);
+            let _ids = SequenceIdsScope::enter(vec![9]);
+            let mut got = vec![first];
+            for (pos, &id) in toks.iter().enumerate().skip(prompt) {
+                got.push(step_logits(&model, &[id], pos, 0));
+            }
+            assert_eq!(got, want, "{name} at {budget}");
+            assert!(
+                adopted.held()[0].1.rows < (90 * 2 * 2) as u64,
+                "{name}: evicted"
+            );
+        }
+    }
+    // Masses that do not fit the policy are refused.
+    let h2o = evicting("h2o", serde_json::json!({"budget": 1.0}));
+    let snap = evicting("snapkv", serde_json::json!({"budget": 0.1}));
+    let e = snap.adopt_prompt(&h2o, 1, 2).unwrap_err().to_string();
+    assert!(e.contains("masses"), "{e}");
+    let e = h2o.adopt_prompt(&h2o, 77, 2).unwrap_err().to_string();
+    assert!(e.contains("holds no rows"), "{e}");
 }

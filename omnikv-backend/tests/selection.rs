@@ -191,7 +191,7 @@ fn fused_scores_match_the_matrix_form() {
     let dev = Device::Cpu;
     for (kvh, g, d, p, seed) in [(3, 3, 64, 700, 7u64), (1, 8, 16, 256, 8), (4, 1, 32, 3, 9)] {
         let h = kvh * g;
-        let q = Tensor::from_vec(common::rand_vec(h * d, seed), (h, d), &dev).unwrap();
+        let q = Tensor::from_vec(common::rand_vec(h * d, seed as u64), (h, d), &dev).unwrap();
         let k =
             Tensor::from_vec(common::rand_vec(kvh * p * d, seed + 1), (kvh, p, d), &dev).unwrap();
         for dtype in [DType::F32, DType::F16] {
@@ -332,7 +332,7 @@ fn sparse_attention_matches_masked_full_attention() {
         (4, 1, 32, 33, 40, 33, 3),
     ] {
         let h = kvh * g;
-        let q = common::rand_vec(h * d, seed);
+        let q = common::rand_vec(h * d, seed as u64);
         let k = common::rand_vec(kvh * n * d, seed + 10);
         let v = common::rand_vec(kvh * n * d, seed + 20);
         let sel: Vec<u32> = (0..p as u32)
@@ -391,7 +391,7 @@ fn in_place_sparse_decode_equals_the_gathered_copy() {
         (1, 1, 8, 5, 5, 6),
     ] {
         let h = kvh * g;
-        let q = Tensor::from_vec(common::rand_vec(h * d, seed), (1, h, 1, d), &dev).unwrap();
+        let q = Tensor::from_vec(common::rand_vec(h * d, seed as u64), (1, h, 1, d), &dev).unwrap();
         let buf_k = Tensor::from_vec(
             common::rand_vec(kvh * cap * d, seed + 1),
             (1, kvh, cap, d),
@@ -713,4 +713,122 @@ fn keeping_sinks_and_recent_tokens() {
         select_keeping(&*last, &q, &k, 0.3, 9, 1, Keep::default()).unwrap(),
         select(&*last, &q, &k, 0.3, 9, 1).unwrap()
     );
+}
+
+/// Plain reference of the mean-over-heads softmax mass of one query.
+fn reference_mass(
+    q: &[f32],
+    k: &[f32],
+    h: usize,
+    kv_h: usize,
+    n: usize,
+    d: usize,
+    scale: f64,
+) -> Vec<f64> {
+    let g = h / kv_h;
+    let mut mass = vec![0f64; n];
+    for hi in 0..h {
+        let kh = hi / g;
+        let logits: Vec<f64> = (0..n)
+            .map(|j| {
+                (0..d)
+                    .map(|x| q[hi * d + x] as f64 * k[(kh * n + j) * d + x] as f64)
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+        for (m, l) in mass.iter_mut().zip(&logits) {
+            *m += (l - max).exp() / sum / h as f64;
+        }
+    }
+    mass
+}
+
+#[test]
+fn mass_budget_keeps_the_fewest_rows_covering_the_target() {
+    use omnikv_backend::omnikv::selector::mass_capped;
+    let (h, kv_h, d, n, p) = (6, 2, 8, 50, 40);
+    let dev = Device::Cpu;
+    for seed in 0..6u32 {
+        // Sharper logits for some seeds, so the mass concentrates.
+        let sharp = 1.0 + seed as f32;
+        let qv: Vec<f32> = common::rand_vec(h * d, seed as u64)
+            .iter()
+            .map(|x| x * sharp)
+            .collect();
+        let kv = common::rand_vec(kv_h * n * d, seed as u64 + 100);
+        let q = Tensor::from_vec(qv.clone(), (h, d), &dev).unwrap();
+        let k = Tensor::from_vec(kv.clone(), (kv_h, n, d), &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let mass = reference_mass(&qv, &kv, h, kv_h, n, d, scale);
+        let sel: Vec<u32> = (0..p as u32).filter(|j| j % 3 != 1).collect();
+        let keep = Keep { sink: 2, recent: 3 };
+        for target in [0.3, 0.6, 0.9, 1.0] {
+            let got = mass_capped(&sel, &q, &k, p, scale, target, keep).unwrap();
+            assert!(got.windows(2).all(|w| w[0] < w[1]), "ascending");
+            assert!(
+                got.iter().all(|j| sel.contains(j)),
+                "a subset of the selection"
+            );
+            for j in [0u32, 1, 37, 38, 39].iter().filter(|j| sel.contains(j)) {
+                assert!(got.contains(j), "sink and recent positions stay: {j}");
+            }
+            let cover = |set: &[u32]| -> f64 {
+                mass[p..].iter().sum::<f64>() + set.iter().map(|&j| mass[j as usize]).sum::<f64>()
+            };
+            let all = cover(&sel);
+            if all >= target + 1e-9 {
+                assert!(
+                    cover(&got) >= target - 1e-9,
+                    "seed {seed} target {target}: covers {}",
+                    cover(&got)
+                );
+                // Minimal: without its lightest free row it falls short.
+                let free: Vec<u32> = got
+                    .iter()
+                    .copied()
+                    .filter(|&j| j >= 2 && (j as usize) + 3 < p)
+                    .collect();
+                if let Some(&light) = free
+                    .iter()
+                    .min_by(|&&a, &&b| mass[a as usize].total_cmp(&mass[b as usize]))
+                {
+                    let without: Vec<u32> = got.iter().copied().filter(|&j| j != light).collect();
+                    assert!(
+                        cover(&without) < target + 1e-6,
+                        "seed {seed} target {target}: {} rows where fewer cover it",
+                        got.len()
+                    );
+                }
+            } else {
+                assert_eq!(
+                    got, sel,
+                    "a target above what the selection holds keeps it whole"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn mass_budget_of_everything_is_dense_and_a_low_one_differs() {
+    let cfg = |mass: f64| {
+        serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0,
+            "num_of_selected_tokens": 1.0, "selection_mass": mass})
+    };
+    let dense = decode(
+        &tiny(serde_json::json!({"do_select_layers": "1", "num_of_selected_tokens": 1.0})),
+        &IDS,
+        30,
+    );
+    assert_eq!(max_diff(&decode(&tiny(cfg(1.0)), &IDS, 30), &dense), 0.0);
+    let low = max_diff(&decode(&tiny(cfg(0.3)), &IDS, 30), &dense);
+    assert!(
+        low > 1e-4,
+        "30% of the mass should change the logits ({low})"
+    );
+    let e = OmniKvConfig::from_value(&cfg(1.5)).unwrap_err().to_string();
+    assert!(e.contains("selection_mass"), "{e}");
 }

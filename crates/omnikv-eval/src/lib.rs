@@ -1,4 +1,4 @@
-//! Evaluation of the KV-cache backends through the real `mistralrs` server:
+//! Evaluation of the KV-cache backends, mostly through the real `mistralrs` server:
 //! the library behind the `omnikv-*` tools (`tools/`) and the end-to-end
 //! tests (`integration-tests/`).
 //!
@@ -10,7 +10,9 @@
 //! - [`bench_format`]: LongBench / InfiniteBench data files (loading,
 //!   prompt templates, middle truncation, the GGUF tokenizer);
 //! - [`metrics`]: the benchmarks' published scoring functions;
-//! - [`plot`]: small SVG charts for the reports.
+//! - [`plot`]: small SVG charts for the reports;
+//! - [`teacher_forced`]: in process, no server: the teacher-forced
+//!   divergence of each backend from full attention on the real model.
 //!
 //! The committed benchmark sample files are in `samples/` next to this
 //! crate's manifest ([`samples_dir`]).
@@ -20,6 +22,7 @@ pub mod eval;
 pub mod metrics;
 pub mod plot;
 pub mod server;
+pub mod teacher_forced;
 
 pub use server::{
     http, mistralrs_bin, model_args, model_dir, root, Completion, EvictRelease, Server,

@@ -17,6 +17,7 @@ use super::{H2O_NAME, SNAPKV_NAME, STREAMING_NAME};
 use crate::accounting::{Bytes, ReleaseRecord};
 use crate::attention::causal_mask;
 use crate::prefill::dense_attention;
+use omnikv_kernels::cpu::decode_tiles;
 
 /// The `h2o`, `streaming` or `snapkv` KV-cache backend, by its config's
 /// policy. Clones share the row store.
@@ -85,6 +86,88 @@ impl EvictingBackend {
             EvictionPolicy::SnapKv { .. } => usize::MAX,
             _ => self.config.capacity(prompt_len).unwrap_or(usize::MAX),
         }
+    }
+
+    /// Evict a layer's rows down to the budget for a complete prompt of
+    /// `prompt_len` tokens.
+    fn evict_prompt(&self, rows: &mut LayerRows, prompt_len: usize) {
+        let Some(cap) = self.config.capacity(prompt_len) else {
+            return;
+        };
+        for head in rows.heads.iter_mut() {
+            let d = head.k.len() / head.len().max(1);
+            if let Some(keep) = rows_to_keep(self.config.policy, &head.pos, &head.mass, cap) {
+                head.retain(&keep, d);
+            }
+        }
+    }
+
+    /// Start sequence `to` of this backend from the rows sequence `from`
+    /// of `source` held right after its prompt pass, evicting down to this
+    /// backend's budget as this backend's own prompt pass would have: the
+    /// same rows, masses and logits afterwards, bit for bit. So one prompt
+    /// pass serves every budget (the teacher-forced divergence tool decodes
+    /// each budget from one shared prefill).
+    ///
+    /// `source` must keep every row (budget `1.0`, or a prompt below its
+    /// `min_prompt_len`) and have decoded nothing yet for `from`; H2O needs
+    /// an H2O source (its masses sum every prompt query), SnapKV a SnapKV
+    /// source with the same `window_size` (its observation window);
+    /// StreamingLLM reads no masses and takes any source.
+    ///
+    /// # Errors
+    /// If `source` holds no complete prompt for `from`, has evicted or
+    /// decoded rows, or its masses do not fit this backend's policy.
+    pub fn adopt_prompt(&self, source: &EvictingBackend, from: usize, to: usize) -> Result<()> {
+        let fits = match (source.config.policy, self.config.policy) {
+            (_, EvictionPolicy::Streaming { .. }) => true,
+            (EvictionPolicy::H2o { .. }, EvictionPolicy::H2o { .. }) => true,
+            (
+                EvictionPolicy::SnapKv { window: a, .. },
+                EvictionPolicy::SnapKv { window: b, .. },
+            ) => a == b,
+            _ => false,
+        };
+        if !fits {
+            candle_core::bail!(
+                "{}: cannot start from the prompt rows of a `{}` backend ({}): their attention masses are not this policy's ({})",
+                self.name,
+                source.name,
+                source.config.policy,
+                self.config.policy
+            );
+        }
+        let (prompt_len, layers) = {
+            let seqs = source.lock_seqs();
+            let Some(s) = seqs.get(&from) else {
+                candle_core::bail!("{}: sequence {from} holds no rows", source.name);
+            };
+            let p = s.prompt_len;
+            let complete = s.capacity.is_some()
+                && !s.layers.is_empty()
+                && s.layers
+                    .iter()
+                    .all(|l| !l.heads.is_empty() && l.heads.iter().all(|h| h.len() == p));
+            if !complete || source.config.capacity(p).is_some() {
+                candle_core::bail!(
+                    "{}: sequence {from} does not hold exactly its {p} prompt rows in every layer and head (the source must keep every row and have decoded nothing)",
+                    source.name
+                );
+            }
+            (p, s.layers.clone())
+        };
+        let mut s = SeqRows {
+            prompt_len,
+            capacity: Some(self.decode_capacity(prompt_len)),
+            layers,
+            ..Default::default()
+        };
+        s.note_peak();
+        for layer in s.layers.iter_mut() {
+            self.evict_prompt(layer, prompt_len);
+        }
+        self.lock_seqs().insert(to, s);
+        Ok(())
     }
 
     /// A prompt pass of sequence `seq` at `offset` for `layer`: attend densely
@@ -210,15 +293,34 @@ impl EvictingBackend {
                     let at = (kvh * n_new + t) * d;
                     head.push((offset + t) as u32, &kv[at..at + d], &vv[at..at + d]);
                     let n = head.len();
-                    let mut add = vec![0f32; n];
+                    // The output with the exact kernel's arithmetic (the
+                    // dense path's), so a budget that keeps every row gives
+                    // the dense logits bit for bit.
+                    let qa = kvh * g * n_new * d;
+                    let qg: Vec<f32> = (0..g)
+                        .flat_map(|j| {
+                            let at = qa + (j * n_new + t) * d;
+                            qv[at..at + d].iter().copied()
+                        })
+                        .collect();
+                    let o = decode_tiles(&qg, 1, g, 1, d, n, scale as f32, &|_, _, r, ko, vo| {
+                        ko.copy_from_slice(&head.k[r * d..(r + 1) * d]);
+                        vo.copy_from_slice(&head.v[r * d..(r + 1) * d]);
+                    });
                     for j in 0..g {
-                        let hq = kvh * g + j;
-                        let qa = (hq * n_new + t) * d;
-                        let (o, p) = attend_one(&qv[qa..qa + d], &head.k, &head.v, n, d, scale);
-                        for (a, x) in add.iter_mut().zip(&p) {
-                            *a += x;
+                        outs[j * n_new + t] = o[j * d..(j + 1) * d].to_vec();
+                    }
+                    // H2O: the probabilities each kept row got this step,
+                    // summed over the query group.
+                    let mut add = vec![0f32; if h2o { n } else { 0 }];
+                    if h2o {
+                        for j in 0..g {
+                            let at = qa + (j * n_new + t) * d;
+                            let p = probabilities(&qv[at..at + d], &head.k, n, d, scale);
+                            for (a, x) in add.iter_mut().zip(&p) {
+                                *a += x;
+                            }
                         }
-                        outs[j * n_new + t] = o;
                     }
                     if h2o {
                         for (m, a) in head.mass.iter_mut().zip(&add) {
@@ -257,15 +359,9 @@ impl EvictingBackend {
     }
 }
 
-/// Attention of one query over `n` rows: the output and the probabilities.
-fn attend_one(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    n: usize,
-    d: usize,
-    scale: f64,
-) -> (Vec<f32>, Vec<f32>) {
+/// Softmax probabilities of one query `q` (`d` values) over `n` rows of
+/// `k` (row-major, `n * d`), scaled by `scale`.
+fn probabilities(q: &[f32], k: &[f32], n: usize, d: usize, scale: f64) -> Vec<f32> {
     let scale = scale as f32;
     let mut p: Vec<f32> = (0..n)
         .map(|r| {
@@ -283,14 +379,10 @@ fn attend_one(
         *x = (*x - max).exp();
         sum += *x;
     }
-    let mut o = vec![0f32; d];
-    for (r, x) in p.iter_mut().enumerate() {
+    for x in p.iter_mut() {
         *x /= sum;
-        for (oi, vi) in o.iter_mut().zip(&v[r * d..(r + 1) * d]) {
-            *oi += *x * vi;
-        }
     }
-    (o, p)
+    p
 }
 
 /// H2O's accumulated attention mass after a causal prompt pass: for query
@@ -499,19 +591,8 @@ impl KvCacheBackend for EvictingBackend {
                 outs.push(self.prompt_pass(s, layer, offset, &q, &k, &v, scale)?);
                 if offset + s_new >= p {
                     // The prompt is complete: evict down to the budget.
-                    let cap = self.config.capacity(p);
                     s.note_peak();
-                    let rows = &mut s.layers[layer];
-                    if let Some(cap) = cap {
-                        let d = input.k.dim(3)?;
-                        for head in rows.heads.iter_mut() {
-                            if let Some(keep) =
-                                rows_to_keep(self.config.policy, &head.pos, &head.mass, cap)
-                            {
-                                head.retain(&keep, d);
-                            }
-                        }
-                    }
+                    self.evict_prompt(&mut s.layers[layer], p);
                     s.capacity = Some(self.decode_capacity(p));
                 }
             } else {

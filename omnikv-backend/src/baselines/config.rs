@@ -189,9 +189,14 @@ impl EvictionConfig {
     }
 
     /// Rows kept per layer and KV head for a prompt of `prompt_len` tokens;
-    /// `None` keeps every row (prompt below `min_prompt_len`).
+    /// `None` keeps every row, also those generated later: a prompt below
+    /// `min_prompt_len`, or a budget of the whole prompt (`1.0`), which is
+    /// then full attention, bit for bit (the budget-1.0 reference of every
+    /// comparison with OmniKV).
     pub fn capacity(&self, prompt_len: usize) -> Option<usize> {
-        if prompt_len < self.min_prompt_len {
+        if prompt_len < self.min_prompt_len
+            || matches!(self.budget, TokenBudget::Ratio(r) if r >= 1.0)
+        {
             return None;
         }
         let k = self.budget.unclamped(prompt_len);

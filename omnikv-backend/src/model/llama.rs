@@ -732,6 +732,24 @@ impl LlamaOmniKv {
         })
     }
 
+    /// Attend through `backend` from the next pass on, keeping the cache
+    /// and the prefill kernel chosen at load (the f32 weight copies of the
+    /// fast prefill stay as they are). For tools that drive one model and
+    /// cache through several backends in turn, such as the teacher-forced
+    /// divergence tool; a server selects its backend once, at load.
+    ///
+    /// # Errors
+    /// If `backend` is an `omnikv` backend whose layer plan does not fit
+    /// this model.
+    pub fn set_backend(&mut self, backend: Arc<dyn KvCacheBackend>) -> anyhow::Result<()> {
+        super::check_backend(&backend, self.blocks.len())?;
+        if let Some(block) = self.blocks.first() {
+            super::attach_rotary(&*backend, &block.attn.rotary);
+        }
+        self.backend = backend;
+        Ok(())
+    }
+
     /// The model's hyper-parameters.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
@@ -750,6 +768,24 @@ impl LlamaOmniKv {
         for c in self.cache.normal().0.iter_mut() {
             c.reset();
         }
+    }
+
+    /// Forget every cached position from `len` on, keeping the first `len`
+    /// (tools that decode several continuations of one prefill: the next
+    /// continuation overwrites the rows of the previous one).
+    ///
+    /// # Errors
+    /// If `len` exceeds the cache's capacity.
+    ///
+    /// # Panics
+    /// If the cache's lock was poisoned by a panic during a forward pass.
+    pub fn truncate_cache(&self, len: usize) -> Result<()> {
+        for c in self.cache.normal().0.iter_mut() {
+            if c.current_seq_len() > len {
+                c.set_len(len)?;
+            }
+        }
+        Ok(())
     }
 
     /// `input_ids` `(b, s)`; returns logits of the positions selected by

@@ -27,7 +27,7 @@ use super::config::{OmniKvConfig, RequestOverride};
 use super::plan::{LayerPlan, LayerRole};
 use super::queries::QueryStore;
 use super::recall::{head_max_distribution, step_recall, Recorder};
-use super::selector::{make_selector, select_keeping, Selector};
+use super::selector::{make_selector, mass_capped, select_keeping, Selector};
 use super::store::{Bytes, StoreUsage, TieredStore};
 use crate::accounting::ReleaseRecord;
 use crate::attention::{attended_rows, exact_attention, sparse_decode_attention};
@@ -98,6 +98,18 @@ pub struct Step {
     /// Where the pass reports its figures when it ends (dropped by the model).
     stats: Arc<StatsTable>,
     store: Arc<TieredStore>,
+}
+
+impl Step {
+    /// The prompt positions filter layer `layer` selected in this pass, per
+    /// sequence in batch order (ascending positions), or `None` before that
+    /// layer ran, for other layers and for passes that do not select
+    /// (prompt passes, dense decoding). Tools read it from the pass state
+    /// handed to each layer (the teacher-forced divergence tool measures the
+    /// attention mass a selection captures).
+    pub fn selected_rows(&self, layer: usize) -> Option<&[Vec<u32>]> {
+        self.selections.get(layer)?.as_deref()
+    }
 }
 
 impl Drop for Step {
@@ -638,7 +650,10 @@ impl KvCacheBackend for OmniKvBackend {
                     };
                     let selecting = step.budgets[i].is_some() && p >= self.config.min_prompt_len;
                     step.selected |= selecting;
-                    if budget >= p {
+                    // A mass-based budget selects also when the cap covers
+                    // the prompt.
+                    let by_mass = selecting && self.config.selection_mass.is_some();
+                    if budget >= p && !by_mass {
                         if selecting {
                             self.stats.selection(id, p, p);
                         }
@@ -653,7 +668,7 @@ impl KvCacheBackend for OmniKvBackend {
                         }
                         _ => input.q.get(i)?.transpose(0, 1)?, // (1, h, d)
                     };
-                    let sel = select_keeping(
+                    let mut sel = select_keeping(
                         &*self.selector,
                         &queries,
                         &keys,
@@ -662,6 +677,19 @@ impl KvCacheBackend for OmniKvBackend {
                         n - p,
                         self.config.keep,
                     )?;
+                    if let Some(target) = self.config.selection_mass {
+                        // The current query's mass over every row.
+                        let current = queries.get(queries.dim(0)? - 1)?; // (h, d)
+                        sel = mass_capped(
+                            &sel,
+                            &current,
+                            &k.get(i)?,
+                            p,
+                            scale,
+                            target,
+                            self.config.keep,
+                        )?;
+                    }
                     self.stats.selection(id, sel.len(), p);
                     per_seq.push(sel);
                 }

@@ -73,6 +73,10 @@ pub struct OmniKvConfigFile {
     /// Not in the published schema: limit of the host tier (offloaded
     /// sparse-layer keys/values of all sequences), in bytes.
     pub max_host_bytes: Option<u64>,
+    /// Not in the published schema: a mass-based budget, the share of the
+    /// filter layer's attention mass a selection must cover (the budget
+    /// caps it).
+    pub selection_mass: Option<f64>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -100,6 +104,7 @@ const KNOWN_KEYS: &[&str] = &[
     "keep_recent_tokens",
     "record_recall",
     "max_host_bytes",
+    "selection_mass",
 ];
 
 /// All problems found in a config (or a request's `kv_cache` object), one
@@ -219,6 +224,7 @@ impl OmniKvConfigFile {
             keep_recent_tokens: field(map, "keep_recent_tokens", int, &mut e),
             record_recall: field(map, "record_recall", string, &mut e),
             max_host_bytes: field(map, "max_host_bytes", int, &mut e),
+            selection_mass: field(map, "selection_mass", "a fraction in (0, 1]", &mut e),
         };
         (file, e)
     }
@@ -263,6 +269,11 @@ pub struct OmniKvConfig {
     /// With `real_offload`: the most bytes the host tier may hold for all
     /// sequences together; a prompt that would exceed it fails alone.
     pub max_host_bytes: Option<u64>,
+    /// Mass-based budget (opt-in; off as published): each selection keeps
+    /// the fewest of its positions that, with the rows every step attends
+    /// anyway, cover this share of the filter layer's softmax attention
+    /// mass ([`super::selector::mass_capped`]); the budget stays the cap.
+    pub selection_mass: Option<f64>,
 }
 
 /// Upper bound for counts that size allocations or threads; anything larger
@@ -466,6 +477,13 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
         if f.record_recall.as_deref() == Some("") {
             e.push("`record_recall` = \"\": expected the path of the file to write".into());
         }
+        if let Some(m) = f.selection_mass {
+            if !(m > 0.0 && m <= 1.0) {
+                e.push(format!(
+                    "`selection_mass` = {m}: expected a share of the attention mass in (0, 1], such as 0.95"
+                ));
+            }
+        }
         let window_size = f.window_size.unwrap_or(16);
         if window_size == 0 || window_size > 4096 {
             e.push(format!("`window_size` = {window_size}: expected 1..=4096"));
@@ -488,6 +506,7 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
             keep,
             record_recall: f.record_recall.map(std::path::PathBuf::from),
             max_host_bytes: f.max_host_bytes,
+            selection_mass: f.selection_mass,
         })
     }
 }

@@ -273,3 +273,92 @@ pub fn select_keeping(
     out.extend(rest as u32..p as u32);
     Ok(out)
 }
+
+/// The mass-based budget (`selection_mass`, not in the published schema):
+/// of a selection `sel` (prompt positions), keep the fewest, in order of
+/// their attention mass, whose mass together with the rows every step
+/// attends anyway (positions from `p` on, the generated rows, and the
+/// positions `keep` always selects) reaches `target` of the filter layer's
+/// softmax attention; at least one. The budget that sized `sel` stays the
+/// cap, so a concentrated distribution reads fewer rows and a flat one
+/// reads the budget.
+///
+/// Mass: the softmax over every key of `keys` `(kv_h, n, d)` (prompt and
+/// generated rows) of the current query `q` `(h, d)`, logits scaled by
+/// `scale`, mean over query heads (query head `i` reads KV head
+/// `i / (h / kv_h)`). Returns positions ascending.
+///
+/// # Errors
+/// If the shapes do not fit (`h` not a multiple of `kv_h`) or a tensor
+/// operation fails.
+pub fn mass_capped(
+    sel: &[u32],
+    q: &Tensor,
+    keys: &Tensor,
+    p: usize,
+    scale: f64,
+    target: f64,
+    keep: Keep,
+) -> Result<Vec<u32>> {
+    let mass = mean_head_mass(q, keys, scale)?;
+    let n = mass.len();
+    let p = p.min(n);
+    let forced = |j: usize| j < keep.sink || j + keep.recent >= p;
+    let mut covered: f64 = mass[p..].iter().sum();
+    let mut out = Vec::with_capacity(sel.len());
+    let mut rest = Vec::with_capacity(sel.len());
+    for &j in sel {
+        if forced(j as usize) {
+            covered += mass[j as usize];
+            out.push(j);
+        } else {
+            rest.push(j);
+        }
+    }
+    rest.sort_by(|&a, &b| {
+        mass[b as usize]
+            .total_cmp(&mass[a as usize])
+            .then(a.cmp(&b))
+    });
+    for j in rest {
+        if covered >= target && !out.is_empty() {
+            break;
+        }
+        covered += mass[j as usize];
+        out.push(j);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Softmax attention of `q` `(h, d)` over `keys` `(kv_h, n, d)`, mean over
+/// query heads: `n` values summing to 1.
+fn mean_head_mass(q: &Tensor, keys: &Tensor, scale: f64) -> Result<Vec<f64>> {
+    let q = q.to_dtype(candle_core::DType::F32)?;
+    let keys = keys.to_dtype(candle_core::DType::F32)?;
+    let (h, _) = q.dims2()?;
+    let (kv_h, n, _) = keys.dims3()?;
+    if kv_h == 0 || h % kv_h != 0 {
+        candle_core::bail!("mass of {h} query heads over {kv_h} KV heads");
+    }
+    let g = h / kv_h;
+    let mut mass = vec![0f64; n];
+    for kh in 0..kv_h {
+        let logits = q
+            .narrow(0, kh * g, g)?
+            .matmul(&keys.get(kh)?.t()?)?
+            .to_vec2::<f32>()?;
+        for row in logits {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * scale;
+            let e: Vec<f64> = row
+                .iter()
+                .map(|&x| (x as f64 * scale - max).exp())
+                .collect();
+            let sum: f64 = e.iter().sum();
+            for (m, x) in mass.iter_mut().zip(e) {
+                *m += x / sum / h as f64;
+            }
+        }
+    }
+    Ok(mass)
+}

@@ -6,31 +6,40 @@
 //!    the target budget (spec: "Finding filter layers").
 //! 2. A dynamic program over `S` proposes one filter-layer set per first
 //!    filter layer (`--first`), plus any `--candidates` given.
-//! 3. Each candidate serves held-out prompts at the target budget; candidates
-//!    are ranked by agreement of their greedy outputs with full attention
-//!    (identical outputs, then shared prefix, then task accuracy), since
-//!    recall alone does not predict it well.
+//! 3. Candidates are ranked by their mean teacher-forced KL from full
+//!    attention on held-out documents at the target budget
+//!    (`omnikv_eval::teacher_forced`, in process on the GGUF; one prefill
+//!    per document serves every candidate). The best `--greedy-top` also
+//!    serve held-out prompts through the real server, and their greedy
+//!    agreement with full attention (identical outputs, shared prefix,
+//!    task accuracy) is a secondary column. With `--plain-model` (no GGUF)
+//!    every candidate is ranked by greedy agreement alone.
 //! 4. Writes the best config (`--out`), the recall matrix as JSON and as an
 //!    SVG heatmap, and a Markdown table with the evidence next to it.
 //!
 //! ```text
-//! target/debug/omnikv-calibrate --filters 3 --wait-load 1 --budget 0.1 --candidates 2,8,18
+//! target/debug/omnikv-calibrate --filters 1,2,3,4 --wait-load 0,1,2 --budget 0.1 --candidates 2,8,18
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use omnikv_backend::omnikv::recall::{plan_score, propose, RecallStats};
+use omnikv_eval::bench_format::gguf_tokenizer;
 use omnikv_eval::eval::{
-    budget_value, load_haystack, machine_description, needle_cases, score, Case,
+    budget_value, load_haystack, machine_description, needle_cases, score, Case, Variant,
 };
-use omnikv_eval::{model_args, root, Server};
+use omnikv_eval::teacher_forced::{
+    document, document_sources, mean_ci, DocSummary, TeacherForced, TfVariant,
+};
+use omnikv_eval::{model_args, model_dir, root, Server, MODEL_FILE};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: omnikv-calibrate [options]
-  --filters M             number of filter layers (default 3)
-  --wait-load W           wait-load layers after each filter layer (default 1)
+  --filters LIST          numbers of filter layers the DP proposes sets for (default 3)
+  --wait-load LIST        wait-load layers after each filter layer (default 1)
   --budget B              target budget, fraction or count (default 0.1)
   --first LIST            first filter layers the DP starts from (default 1,2,3,4)
   --candidates SETS       extra candidate sets, e.g. \"2,8,18;3,6,19\"
@@ -41,11 +50,19 @@ const USAGE: &str = "usage: omnikv-calibrate [options]
   --prompts FILE          JSON list of calibration prompts instead of needle prompts
   --heldout FILE          JSON list of held-out prompts instead of needle prompts
   --max-tokens N          tokens generated per prompt (default 24)
+  --heldout-docs N        held-out documents per kind (essays, code) for the
+                          teacher-forced ranking (default 2)
+  --tf-length P           their prompt length in tokens (default 4096)
+  --tf-steps M            teacher-forced decode steps per document (default 64)
+  --doc-kinds LIST        document kinds (default essays,code)
+  --doc-seed N            their order seed (default 1009; omnikv-divergence uses 7)
+  --greedy-top N          candidates, best by KL first, that also serve the
+                          held-out prompts for greedy agreement (default 3)
   --plain-model DIR       serve a safetensors model directory instead of SmolLM2";
 
 struct Args {
-    filters: usize,
-    wait_load: usize,
+    filters: Vec<usize>,
+    wait_load: Vec<usize>,
     budget: f64,
     first: Vec<usize>,
     candidates: Vec<Vec<usize>>,
@@ -57,6 +74,12 @@ struct Args {
     heldout: Option<PathBuf>,
     max_tokens: usize,
     plain_model: Option<PathBuf>,
+    heldout_docs: usize,
+    tf_length: usize,
+    tf_steps: usize,
+    doc_seed: u64,
+    doc_kinds: Vec<String>,
+    greedy_top: usize,
 }
 
 fn list(s: &str) -> Result<Vec<usize>> {
@@ -72,8 +95,8 @@ fn list(s: &str) -> Result<Vec<usize>> {
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
-        filters: 3,
-        wait_load: 1,
+        filters: vec![3],
+        wait_load: vec![1],
         budget: 0.1,
         first: vec![1, 2, 3, 4],
         candidates: vec![],
@@ -85,6 +108,12 @@ fn parse_args() -> Result<Args> {
         heldout: None,
         max_tokens: 24,
         plain_model: None,
+        heldout_docs: 2,
+        tf_length: 4096,
+        tf_steps: 64,
+        doc_seed: 1009,
+        doc_kinds: vec!["essays".into(), "code".into()],
+        greedy_top: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -96,8 +125,8 @@ fn parse_args() -> Result<Args> {
             .next()
             .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
-            "--filters" => a.filters = v.parse()?,
-            "--wait-load" => a.wait_load = v.parse()?,
+            "--filters" => a.filters = list(&v)?,
+            "--wait-load" => a.wait_load = list(&v)?,
             "--budget" => a.budget = v.parse()?,
             "--first" => a.first = list(&v)?,
             "--candidates" => {
@@ -115,11 +144,23 @@ fn parse_args() -> Result<Args> {
             "--heldout" => a.heldout = Some(v.into()),
             "--max-tokens" => a.max_tokens = v.parse()?,
             "--plain-model" => a.plain_model = Some(v.into()),
+            "--heldout-docs" => a.heldout_docs = v.parse()?,
+            "--tf-length" => a.tf_length = v.parse()?,
+            "--tf-steps" => a.tf_steps = v.parse()?,
+            "--doc-seed" => a.doc_seed = v.parse()?,
+            "--doc-kinds" => a.doc_kinds = v.split(',').map(|k| k.trim().to_string()).collect(),
+            "--greedy-top" => a.greedy_top = v.parse()?,
             _ => bail!("unknown option `{flag}`\n{USAGE}"),
         }
     }
-    if a.filters == 0 {
-        bail!("--filters must be at least 1");
+    if a.filters.is_empty() || a.filters.contains(&0) {
+        bail!("--filters: every count must be at least 1");
+    }
+    if a.wait_load.is_empty() {
+        bail!("--wait-load: give at least one count");
+    }
+    if a.heldout_docs == 0 || a.tf_steps == 0 || a.tf_length < 2 {
+        bail!("--heldout-docs and --tf-steps must be at least 1, --tf-length at least 2");
     }
     if !(a.budget > 0.0) {
         bail!("--budget must be > 0");
@@ -261,67 +302,158 @@ fn main() -> Result<()> {
     let s = &stats.recall;
 
     // 2. Candidates.
-    let mut cands: Vec<(Vec<usize>, String)> = Vec::new();
-    for &first in &args.first {
-        if let Some((set, _)) = propose(s, args.filters, args.wait_load, first) {
-            if !cands.iter().any(|(c, _)| *c == set) {
-                cands.push((set, format!("DP, first filter layer {first}")));
+    // (filter layers, W, where it came from)
+    let mut cands: Vec<(Vec<usize>, usize, String)> = Vec::new();
+    for &w in &args.wait_load {
+        for &m in &args.filters {
+            for &first in &args.first {
+                if let Some((set, _)) = propose(s, m, w, first) {
+                    if !cands.iter().any(|(c, cw, _)| *c == set && *cw == w) {
+                        cands.push((set, w, format!("DP, first filter layer {first}")));
+                    }
+                }
             }
         }
-    }
-    for c in &args.candidates {
-        if c.iter().any(|&l| l >= layers) {
-            bail!("candidate {c:?} names a layer beyond the model's {layers} layers");
-        }
-        if let Some((_, why)) = cands.iter_mut().find(|(x, _)| x == c) {
-            why.push_str(" + given");
-        } else {
-            cands.push((c.clone(), "given".into()));
+        for c in &args.candidates {
+            if c.iter().any(|&l| l >= layers) {
+                bail!("candidate {c:?} names a layer beyond the model's {layers} layers");
+            }
+            if let Some((_, _, why)) = cands.iter_mut().find(|(x, xw, _)| x == c && *xw == w) {
+                why.push_str(" + given");
+            } else {
+                cands.push((c.clone(), w, "given".into()));
+            }
         }
     }
     if cands.is_empty() {
         bail!(
-            "no candidate fits {layers} layers with --filters {} --wait-load {}",
+            "no candidate fits {layers} layers with --filters {:?} --wait-load {:?}",
             args.filters,
             args.wait_load
         );
     }
+    let layers_str = |set: &[usize]| {
+        set.iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+
+    // 3a. Teacher-forced KL on held-out documents, in process: one prefill
+    //     per document, every candidate decodes from it.
+    let tf_ranked = args.plain_model.is_none();
+    let mut tf: Vec<Vec<DocSummary>> = vec![Vec::new(); cands.len()];
+    if tf_ranked {
+        let gguf = model_dir().join(MODEL_FILE);
+        let tok = gguf_tokenizer(&gguf)?;
+        let mut tf_base = base.clone();
+        tf_base.insert("num_of_selected_tokens".into(), budget_value(args.budget));
+        let mut model = TeacherForced::new(&gguf, DType::BF16, &Value::Object(tf_base), false)?;
+        let variants: Vec<TfVariant> = cands
+            .iter()
+            .map(|(set, w, _)| {
+                let mut extra = serde_json::Map::new();
+                extra.insert("do_select_layers".into(), json!(layers_str(set)));
+                extra.insert("num_wait_load_layers".into(), json!(w));
+                TfVariant::Backend(Variant::OmniKv {
+                    budget: args.budget,
+                    extra,
+                })
+            })
+            .collect();
+        let b = bar(
+            args.doc_kinds.len() * args.heldout_docs,
+            "teacher-forced KL",
+        );
+        for kind in &args.doc_kinds {
+            let files = document_sources(kind)?;
+            for i in 0..args.heldout_docs {
+                let ids = document(
+                    &tok,
+                    &files,
+                    kind,
+                    args.doc_seed,
+                    i,
+                    args.tf_length + args.tf_steps + 1,
+                )?;
+                let runs = model.run(&ids, args.tf_length, args.tf_steps, &variants)?;
+                for (t, run) in tf.iter_mut().zip(runs) {
+                    t.push(DocSummary::of(&run.steps));
+                }
+                b.inc(1);
+            }
+        }
+        b.finish();
+    }
+    let mean_kl = |i: usize| mean_ci(&tf[i].iter().map(|d| d.kl).collect::<Vec<_>>()).0;
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    if tf_ranked {
+        order.sort_by(|&a, &b| mean_kl(a).total_cmp(&mean_kl(b)));
+    }
+    let greedy: Vec<bool> = {
+        let mut g = vec![!tf_ranked; cands.len()];
+        for &i in order.iter().take(args.greedy_top) {
+            g[i] = true;
+        }
+        g
+    };
 
     // 3. Rank by agreement with full attention on held-out prompts.
+    // 3b. Greedy agreement through the server, for the best by KL.
     struct Row {
         set: Vec<usize>,
+        wait_load: usize,
         why: String,
         recall: f64,
         mean_recall: f64,
-        identical: usize,
-        prefix: f64,
-        correct: usize,
+        /// Mean KL, top-1 agreement and rows read, with 95% half-widths.
+        kl: Option<(f64, f64)>,
+        top1: Option<(f64, f64)>,
+        rows_read: Option<(f64, f64)>,
+        /// Identical outputs, shared prefix, correct answers.
+        greedy: Option<(usize, f64, usize)>,
     }
     let mut rows = Vec::new();
-    for (set, why) in cands {
-        let mut cfg = base.clone();
-        let layers_str = set
-            .iter()
-            .map(|l| l.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        cfg.insert("do_select_layers".into(), json!(layers_str));
-        cfg.insert("num_wait_load_layers".into(), json!(args.wait_load));
-        cfg.insert("num_of_selected_tokens".into(), budget_value(args.budget));
-        let server = ctx.start(
-            &format!("cand-{}", layers_str.replace(',', "-")),
-            &Value::Object(cfg),
-        )?;
-        let b = bar(heldout.len(), &format!("filter layers {layers_str}"));
-        let outs = ctx.answer(&server, &heldout, &b)?;
-        b.finish();
+    for (i, (set, w, why)) in cands.into_iter().enumerate() {
+        let greedy = if greedy[i] {
+            let mut cfg = base.clone();
+            cfg.insert("do_select_layers".into(), json!(layers_str(&set)));
+            cfg.insert("num_wait_load_layers".into(), json!(w));
+            cfg.insert("num_of_selected_tokens".into(), budget_value(args.budget));
+            let name = format!("cand-{}-w{w}", layers_str(&set).replace(',', "-"));
+            let server = ctx.start(&name, &Value::Object(cfg))?;
+            let b = bar(
+                heldout.len(),
+                &format!("filter layers {} W {w}", layers_str(&set)),
+            );
+            let outs = ctx.answer(&server, &heldout, &b)?;
+            b.finish();
+            Some((
+                outs.iter().zip(&reference).filter(|(a, b)| a == b).count(),
+                outs.iter()
+                    .zip(&reference)
+                    .map(|(a, b)| shared_prefix(a, b))
+                    .sum::<f64>()
+                    / outs.len().max(1) as f64,
+                heldout
+                    .iter()
+                    .zip(&outs)
+                    .filter(|(c, o)| !c.answer.is_empty() && score(c, o))
+                    .count(),
+            ))
+        } else {
+            None
+        };
         let sparse: usize = (0..set.len())
             .map(|i| {
                 let next = set.get(i + 1).copied().unwrap_or(layers);
-                next.saturating_sub(set[i] + args.wait_load + 1)
+                next.saturating_sub(set[i] + w + 1)
             })
             .sum();
-        let recall = plan_score(s, &set, args.wait_load);
+        let recall = plan_score(s, &set, w);
+        let col = |f: fn(&DocSummary) -> f64| {
+            (!tf[i].is_empty()).then(|| mean_ci(&tf[i].iter().map(f).collect::<Vec<_>>()))
+        };
         rows.push(Row {
             recall,
             mean_recall: if sparse == 0 {
@@ -329,29 +461,30 @@ fn main() -> Result<()> {
             } else {
                 recall / sparse as f64
             },
-            identical: outs.iter().zip(&reference).filter(|(a, b)| a == b).count(),
-            prefix: outs
-                .iter()
-                .zip(&reference)
-                .map(|(a, b)| shared_prefix(a, b))
-                .sum::<f64>()
-                / outs.len().max(1) as f64,
-            correct: heldout
-                .iter()
-                .zip(&outs)
-                .filter(|(c, o)| !c.answer.is_empty() && score(c, o))
-                .count(),
+            kl: col(|d| d.kl),
+            top1: col(|d| d.agree),
+            rows_read: col(|d| d.rows_read),
+            greedy,
             set,
+            wait_load: w,
             why,
         });
     }
-    rows.sort_by(|a, b| {
-        b.identical
-            .cmp(&a.identical)
-            .then(b.prefix.total_cmp(&a.prefix))
-            .then(b.correct.cmp(&a.correct))
-            .then(b.recall.total_cmp(&a.recall))
-    });
+    if tf_ranked {
+        rows.sort_by(|a, b| {
+            let kl = |r: &Row| r.kl.map_or(f64::INFINITY, |k| k.0);
+            kl(a).total_cmp(&kl(b))
+        });
+    } else {
+        rows.sort_by(|a, b| {
+            let g = |r: &Row| r.greedy.unwrap_or((0, 0.0, 0));
+            let (ga, gb) = (g(a), g(b));
+            gb.0.cmp(&ga.0)
+                .then(gb.1.total_cmp(&ga.1))
+                .then(gb.2.cmp(&ga.2))
+                .then(b.recall.total_cmp(&a.recall))
+        });
+    }
     let best = &rows[0];
 
     // 4. Outputs.
@@ -365,7 +498,7 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(",")),
     );
-    cfg.insert("num_wait_load_layers".into(), json!(args.wait_load));
+    cfg.insert("num_wait_load_layers".into(), json!(best.wait_load));
     cfg.insert("num_of_selected_tokens".into(), budget_value(args.budget));
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -395,9 +528,10 @@ fn main() -> Result<()> {
         "# Filter-layer calibration\n\nMachine: {}. Command: `target/debug/omnikv-calibrate {}`.\n\n\
          Recall recorded over {} decode steps of {} calibration prompts at budget {} (`{}`); \
          {} layers, mean off-diagonal recall {:.3}. Heatmap: `{}`.\n\n\
-         Candidates ranked by agreement with full attention on {} held-out prompts \
-         (full attention answered {}/{} of them correctly):\n\n\
-         | rank | filter layers | source | recall score (sum / mean per sparse layer) | identical outputs | shared prefix | correct |\n|---|---|---|---|---|---|---|\n",
+         {}\n\n\
+         Greedy agreement with full attention on {} held-out prompts \
+         (full attention answered {}/{} of them correctly){}.\n\n\
+         | rank | filter layers | W | source | KL (nats) | top-1 agreement (%) | rows read (%) | recall score (sum / mean per sparse layer) | identical outputs | shared prefix | correct |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         machine_description(),
         std::env::args()
             .skip(1)
@@ -411,29 +545,63 @@ fn main() -> Result<()> {
         layers,
         mean_off_diagonal(s),
         file_name(&heatmap),
+        if tf_ranked {
+            format!(
+                "Candidates ranked by mean teacher-forced KL(full ‖ candidate) per decode step at budget {} \
+                 (`omnikv_eval::teacher_forced`): {} held-out documents ({} per kind: {}; seed {}), \
+                 prompts of {} tokens, {} steps each; ± is the 95% interval over documents. Rows read: the \
+                 share of full attention's KV rows a step reads.",
+                args.budget,
+                args.doc_kinds.len() * args.heldout_docs,
+                args.heldout_docs,
+                args.doc_kinds.join(", "),
+                args.doc_seed,
+                args.tf_length,
+                args.tf_steps
+            )
+        } else {
+            "Candidates ranked by greedy agreement (`--plain-model`: the teacher-forced ranking runs on the GGUF).".into()
+        },
         heldout.len(),
         ref_correct,
         heldout.len(),
+        if tf_ranked {
+            format!(", for the best {} by KL", args.greedy_top)
+        } else {
+            String::new()
+        },
     );
+    let pm = |x: Option<(f64, f64)>, scale: f64, digits: usize| match x {
+        Some((m, h)) if h.is_nan() => format!("{:.*}", digits, m * scale),
+        Some((m, h)) => format!("{:.*} ± {:.*}", digits, m * scale, digits, h * scale),
+        None => String::new(),
+    };
     for (i, r) in rows.iter().enumerate() {
+        let (identical, prefix, correct) = match r.greedy {
+            Some((a, b, c)) => (
+                format!("{a}/{}", heldout.len()),
+                format!("{:.0}%", 100.0 * b),
+                format!("{c}/{}", heldout.len()),
+            ),
+            None => (String::new(), String::new(), String::new()),
+        };
         md.push_str(&format!(
-            "| {} | {:?} | {} | {:.2} / {:.3} | {}/{} | {:.0}% | {}/{} |\n",
+            "| {} | {:?} | {} | {} | {} | {} | {} | {:.2} / {:.3} | {identical} | {prefix} | {correct} |\n",
             i + 1,
             r.set,
+            r.wait_load,
             r.why,
+            pm(r.kl, 1.0, 4),
+            pm(r.top1, 100.0, 1),
+            pm(r.rows_read, 100.0, 1),
             r.recall,
             r.mean_recall,
-            r.identical,
-            heldout.len(),
-            100.0 * r.prefix,
-            r.correct,
-            heldout.len()
         ));
     }
     md.push_str(&format!(
         "\nChosen: {:?} with W = {}, written to `{}`.\n",
         best.set,
-        args.wait_load,
+        best.wait_load,
         file_name(&args.out)
     ));
     std::fs::write(&report, &md)?;
