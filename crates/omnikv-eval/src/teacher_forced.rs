@@ -911,7 +911,14 @@ pub fn document(
     need: usize,
 ) -> Result<Vec<u32>> {
     let mut order: Vec<usize> = (0..files.len()).collect();
-    Rng(seed.wrapping_mul(1_000_003).wrapping_add(index as u64 + 1) | 1).shuffle(&mut order);
+    // A non-zero (odd) xorshift state per (seed, index), distinct for every
+    // index: the index steps by two, so making the state odd never merges
+    // two indices.
+    Rng(seed
+        .wrapping_mul(1_000_003)
+        .wrapping_add(2 * index as u64 + 1)
+        | 1)
+    .shuffle(&mut order);
     let mut text = String::new();
     let mut tokens = 0;
     for &i in &order {

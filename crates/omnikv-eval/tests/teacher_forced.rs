@@ -163,3 +163,23 @@ fn bad_variants_are_refused_before_any_pass() {
     assert!(e.contains("needs 113 tokens"), "{e}");
     assert!(TfVariant::parse("nonsense@0.1").is_err());
 }
+
+#[test]
+fn documents_differ_by_index_and_repeat_by_seed() {
+    // Every index is its own document (indices 0 and 1 once shared a seed).
+    use omnikv_eval::teacher_forced::{document, document_sources};
+    let gguf = omnikv_eval::model_dir().join(omnikv_eval::MODEL_FILE);
+    let tok = omnikv_eval::bench_format::gguf_tokenizer(&gguf).unwrap();
+    let files = document_sources("code").unwrap();
+    let docs: Vec<Vec<u32>> = (0..4)
+        .map(|i| document(&tok, &files, "code", 7, i, 300).unwrap())
+        .collect();
+    for i in 0..docs.len() {
+        assert_eq!(docs[i].len(), 300);
+        for j in 0..i {
+            assert_ne!(docs[i], docs[j], "documents {j} and {i} are the same");
+        }
+    }
+    assert_eq!(docs[0], document(&tok, &files, "code", 7, 0, 300).unwrap());
+    assert_ne!(docs[0], document(&tok, &files, "code", 8, 0, 300).unwrap());
+}

@@ -268,9 +268,9 @@ fn main() -> Result<()> {
         .iter()
         .zip(&a.docs)
         .flat_map(|(&l, &n)| {
-            a.kinds
-                .iter()
-                .flat_map(move |k| (0..n).map(move |d| (l, k.clone(), d)))
+            // Kinds alternate, so a run stopped early has both.
+            let kinds = &a.kinds;
+            (0..n).flat_map(move |d| kinds.iter().map(move |k| (l, k.clone(), d)))
         })
         .collect();
     let bar = ProgressBar::new(units.len() as u64).with_style(
