@@ -86,6 +86,19 @@ fn split_top(s: &str) -> Vec<String> {
     out.into_iter().filter(|s| !s.trim().is_empty()).collect()
 }
 
+/// A comma-separated list of whole numbers, each at least `min`.
+fn whole_numbers(flag: &str, v: &str, min: usize) -> Result<Vec<usize>> {
+    v.split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .ok()
+                .filter(|n| *n >= min)
+                .with_context(|| format!("{flag}: `{x}` is not a whole number >= {min}"))
+        })
+        .collect()
+}
+
 fn parse_args() -> Result<Option<Args>> {
     let mut a = Args {
         lengths: vec![1024, 4096, 7680],
@@ -118,30 +131,8 @@ fn parse_args() -> Result<Option<Args>> {
                 .with_context(|| format!("{what} `{v}`: expected a whole number > 0"))
         };
         match flag.as_str() {
-            "--lengths" => {
-                a.lengths = v
-                    .split(',')
-                    .map(|x| {
-                        x.trim()
-                            .parse()
-                            .ok()
-                            .filter(|n| *n > 1)
-                            .with_context(|| format!("--lengths: `{x}` is not a length > 1"))
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--docs" => {
-                a.docs = v
-                    .split(',')
-                    .map(|x| {
-                        x.trim()
-                            .parse()
-                            .ok()
-                            .filter(|n| *n > 0)
-                            .with_context(|| format!("--docs: `{x}` is not a count > 0"))
-                    })
-                    .collect::<Result<_>>()?
-            }
+            "--lengths" => a.lengths = whole_numbers("--lengths", &v, 2)?,
+            "--docs" => a.docs = whole_numbers("--docs", &v, 1)?,
             "--steps" => a.steps = num("--steps")?,
             "--kinds" => {
                 a.kinds = v.split(',').map(|s| s.trim().to_string()).collect();
