@@ -145,7 +145,9 @@ fn format_tick(v: f64) -> String {
     if v.fract() == 0.0 {
         format!("{v:.0}")
     } else {
-        format!("{v}")
+        // At most 4 decimals, without float noise (1.0499999... -> 1.05).
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 

@@ -462,6 +462,8 @@ Command: `target/debug/omnikv-divergence {}`\n\n",
             .filter(|v| v.method().1.is_some())
             .map(|v| v.method().0)
             .filter(|m| seen.insert(m.clone()))
+            // A line needs two budgets; single points are in the tables.
+            .filter(|m| a.variants.iter().filter(|v| v.method().0 == *m).count() > 1)
             .collect()
     };
     for (what, title, y_label, f) in [
@@ -513,7 +515,8 @@ Command: `target/debug/omnikv-divergence {}`\n\n",
         let range = if what == "top1" {
             ((ymin - 5.0).clamp(0.0, 95.0).floor(), 100.0)
         } else {
-            (0.0, (ymax * 1.1).max(1e-6))
+            // Round the top up to a tenth, so the ticks read plainly.
+            (0.0, ((ymax * 1.1) * 10.0).ceil().max(1.0) / 10.0)
         };
         let svg = line_chart(
             title,
