@@ -10,12 +10,18 @@ use integration_tests::{root, serial, tool_bin};
 use omnikv_backend::omnikv::recall::RecallStats;
 use omnikv_backend::OmniKvConfig;
 
+/// An empty scratch directory for one test.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[test]
 fn calibration_writes_config_recall_and_heatmap() {
     let _guard = serial();
-    let dir = std::env::temp_dir().join(format!("omnikv-calib-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("omnikv-calib-test");
     let prompts = dir.join("prompts.json");
     let heldout = dir.join("heldout.json");
     let base = dir.join("base.json");
@@ -104,9 +110,7 @@ fn calibration_ranks_candidates_by_teacher_forced_kl_on_the_gguf() {
     // the candidates ranked by KL on one held-out code document of 300
     // tokens, the best one also served for greedy agreement.
     let _guard = serial();
-    let dir = std::env::temp_dir().join(format!("omnikv-calib-kl-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("omnikv-calib-kl");
     let prompts = dir.join("prompts.json");
     std::fs::write(
         &prompts,
