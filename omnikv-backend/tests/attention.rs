@@ -1,7 +1,7 @@
 //! This crate's GQA attention kernels (exact streaming, tiled prefill) against
 //! a plain reference (repeated KV heads, full score matrix, explicit mask).
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::max_abs_diff;

@@ -11,7 +11,7 @@
 //! one-token prompt pass on its decode path (2e-6 apart on this model); the
 //! HTTP tests check its greedy answers instead.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -310,7 +310,7 @@ impl KvCacheBackend for Reference {
     }
 }
 
-mod common;
+use crate::common;
 use common::{decode_steps as decode, tiny_llama as load, token_ids as ids};
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {

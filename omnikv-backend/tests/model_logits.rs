@@ -6,7 +6,7 @@
 //! Tolerance: |ours - reference| <= 1e-3 + 1e-3 * |reference| per logit
 //! (float32 on both sides; the difference is summation order).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -18,7 +18,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-mod common;
+use crate::common;
 
 fn tiny(config: serde_json::Value) -> (LlamaOmniKv, OmniKvBackend) {
     let backend = OmniKvBackend::new(OmniKvConfig::from_value(&config).unwrap());

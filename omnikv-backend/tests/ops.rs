@@ -2,7 +2,7 @@
 //! references: their CPU forward passes here (the CUDA kernels against
 //! these CPU passes are `crates/omnikv-kernels/tests/cuda.rs`).
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use omnikv_backend::attention::{

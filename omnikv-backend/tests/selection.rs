@@ -13,7 +13,7 @@ use omnikv_backend::omnikv::selector::{make_selector, select, select_keeping, to
 use omnikv_backend::{LlamaOmniKv, OmniKvBackend, OmniKvConfig};
 use omnikv_kernels::cpu::indexed_decode_attention;
 
-mod common;
+use crate::common;
 
 /// Plain reference of [`sparse_decode_attention`]: copy the rows out of the
 /// `(1, kv_h, n, d)` cache with candle's `index_select`, then attend densely.
