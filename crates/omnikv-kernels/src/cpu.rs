@@ -257,6 +257,8 @@ pub fn decode_tiles(
             let len = end - start;
             let mut kbuf = vec![0f32; len * d];
             let mut vbuf = vec![0f32; len * d];
+            let mut keys = KeyTile::default();
+            let mut logits = vec![0f32; len];
             let mut outs = Vec::with_capacity(b * h);
             for bi in 0..b {
                 for kh in 0..kv_h {
@@ -269,12 +271,13 @@ pub fn decode_tiles(
                             &mut vbuf[r * d..(r + 1) * d],
                         );
                     }
+                    keys.fill(&kbuf, len, d);
                     for gi in 0..g {
                         let base = (bi * h + kh * g + gi) * d;
                         let qr = &qv[base..base + d];
+                        keys.logits(qr, scale, &mut logits);
                         let mut o = Online::new(d);
-                        for r in 0..len {
-                            let logit = dot4(qr, &kbuf[r * d..(r + 1) * d]) * scale;
+                        for (r, &logit) in logits.iter().enumerate() {
                             o.push(logit, &vbuf[r * d..(r + 1) * d]);
                         }
                         outs.push(o);
@@ -432,6 +435,107 @@ pub fn indexed_decode_attention(
 /// Keys per block of a decode step (blocks run in parallel, then merge in order).
 pub const DECODE_TILE: usize = 16;
 
+/// The key rows of one decode tile, ready for [`KeyTile::logits`]: with AVX
+/// they are stored transposed (`(d, len)` padded to a multiple of 8 keys) so
+/// that eight keys' dot products run in the lanes of one vector, each lane
+/// computing exactly [`dot4`]'s sequence of roundings; without AVX they are
+/// kept as rows.
+#[derive(Default)]
+pub struct KeyTile {
+    data: Vec<f32>,
+    len: usize,
+    d: usize,
+    /// Keys per transposed row (`len` rounded up to 8); 0 when rows are kept.
+    stride: usize,
+}
+
+impl KeyTile {
+    /// Take `len` key rows of `d` values (`rows` is `(len, d)` row-major).
+    ///
+    /// # Panics
+    /// If `rows` holds fewer than `len * d` values.
+    pub fn fill(&mut self, rows: &[f32], len: usize, d: usize) {
+        let rows = &rows[..len * d];
+        self.len = len;
+        self.d = d;
+        self.data.clear();
+        if cfg!(target_feature = "avx") {
+            let stride = len.div_ceil(8) * 8;
+            self.stride = stride;
+            self.data.resize(d * stride, 0.0);
+            for (r, row) in rows.chunks_exact(d).enumerate() {
+                for (j, &x) in row.iter().enumerate() {
+                    self.data[j * stride + r] = x;
+                }
+            }
+        } else {
+            self.stride = 0;
+            self.data.extend_from_slice(rows);
+        }
+    }
+
+    /// `out[r] = dot4(q, key r) * scale` for every key of the tile, bit for
+    /// bit (the same products, the same order of additions per key).
+    ///
+    /// # Panics
+    /// If `q` holds fewer than `d` values or `out` fewer than the tile's keys.
+    pub fn logits(&self, q: &[f32], scale: f32, out: &mut [f32]) {
+        let (len, d) = (self.len, self.d);
+        let q = &q[..d];
+        let out = &mut out[..len];
+        #[cfg(target_feature = "avx")]
+        if self.stride > 0 {
+            self.logits_avx(q, scale, out);
+            return;
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot4(q, &self.data[r * d..(r + 1) * d]) * scale;
+        }
+    }
+
+    #[cfg(target_feature = "avx")]
+    fn logits_avx(&self, q: &[f32], scale: f32, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let (d, stride) = (self.d, self.stride);
+        assert!(self.data.len() >= d * stride && q.len() >= d);
+        let column = |j: usize, r0: usize| self.data[j * stride + r0..].as_ptr();
+        for r0 in (0..stride).step_by(8) {
+            let mut lanes = [0f32; 8];
+            // SAFETY: the build targets AVX (cfg above); every load reads 8
+            // floats at `j * stride + r0` with `j < d` and `r0 + 8 <= stride`,
+            // inside `data` (assert above); the store writes `lanes`' 8.
+            unsafe {
+                let mut sum = _mm256_setzero_ps();
+                let chunks = d / 4;
+                for c in 0..chunks {
+                    let j = c * 4;
+                    // dot4: sum += ((q0 k0 + q1 k1) + q2 k2) + q3 k3, with
+                    // separate roundings (no fused multiply-add).
+                    let p0 = _mm256_mul_ps(_mm256_set1_ps(q[j]), _mm256_loadu_ps(column(j, r0)));
+                    let p1 =
+                        _mm256_mul_ps(_mm256_set1_ps(q[j + 1]), _mm256_loadu_ps(column(j + 1, r0)));
+                    let p2 =
+                        _mm256_mul_ps(_mm256_set1_ps(q[j + 2]), _mm256_loadu_ps(column(j + 2, r0)));
+                    let p3 =
+                        _mm256_mul_ps(_mm256_set1_ps(q[j + 3]), _mm256_loadu_ps(column(j + 3, r0)));
+                    let t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p0, p1), p2), p3);
+                    sum = _mm256_add_ps(sum, t);
+                }
+                for j in chunks * 4..d {
+                    let p = _mm256_mul_ps(_mm256_set1_ps(q[j]), _mm256_loadu_ps(column(j, r0)));
+                    sum = _mm256_add_ps(sum, p);
+                }
+                _mm256_storeu_ps(
+                    lanes.as_mut_ptr(),
+                    _mm256_mul_ps(sum, _mm256_set1_ps(scale)),
+                );
+            }
+            let n = (out.len() - r0.min(out.len())).min(8);
+            out[r0..r0 + n].copy_from_slice(&lanes[..n]);
+        }
+    }
+}
+
 /// `t` as a flat f32 vector (converted and made contiguous first).
 ///
 /// # Errors
@@ -493,4 +597,31 @@ pub fn top_k_sorted(scores: &[f32], k: usize) -> Vec<u32> {
     }
     idx.sort_unstable();
     idx
+}
+
+#[cfg(test)]
+mod key_tile_tests {
+    use super::*;
+
+    /// Every key's logit from a [`KeyTile`] equals `dot4(q, key) * scale`
+    /// bit for bit: tiles of 1 to 20 keys (padding lanes included), head
+    /// dimensions with and without a remainder after the groups of four.
+    #[test]
+    fn key_tile_logits_equal_dot4_bit_for_bit() {
+        let mut tile = KeyTile::default();
+        for &d in &[64usize, 7, 3, 128] {
+            for len in 1..=20 {
+                let rows = crate::testing::rand_vec(len * d, (d * 100 + len) as u64);
+                let mut q = crate::testing::rand_vec(d, d as u64 + 7);
+                q.iter_mut().step_by(5).for_each(|x| *x *= 300.0);
+                tile.fill(&rows, len, d);
+                let mut out = vec![f32::NAN; len];
+                tile.logits(&q, 0.125, &mut out);
+                for r in 0..len {
+                    let want = dot4(&q, &rows[r * d..(r + 1) * d]) * 0.125;
+                    assert_eq!(out[r].to_bits(), want.to_bits(), "d {d}, {len} keys, key {r}");
+                }
+            }
+        }
+    }
 }
