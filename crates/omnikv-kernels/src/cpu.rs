@@ -619,7 +619,11 @@ mod key_tile_tests {
                 tile.logits(&q, 0.125, &mut out);
                 for r in 0..len {
                     let want = dot4(&q, &rows[r * d..(r + 1) * d]) * 0.125;
-                    assert_eq!(out[r].to_bits(), want.to_bits(), "d {d}, {len} keys, key {r}");
+                    assert_eq!(
+                        out[r].to_bits(),
+                        want.to_bits(),
+                        "d {d}, {len} keys, key {r}"
+                    );
                 }
             }
         }

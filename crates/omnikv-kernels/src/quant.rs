@@ -2,10 +2,11 @@
 //!
 //! candle 0.10 computes a Q4_1 product with its generic per-element loop
 //! (`BlockQ4_1::vec_dot` is `vec_dot_unopt`): about half of a short-prompt
-//! decode step on SmolLM2-135M Q4_1 (profile in `results/peers.md`).
+//! decode step on SmolLM2-135M Q4_1 (`results/peers-profile.md`).
 //! [`q4_1_matmul`] computes the same product with the integer part of each
-//! 32-element block vectorised (AVX2 where the build targets it) and the
-//! floating-point part in the generic loop's order, so its result equals
+//! 32-element block vectorised (AVX2 where the build targets it), the
+//! per-block float terms eight blocks per vector, and their sum in the
+//! generic loop's order, so its result equals
 //! candle's `QMatMul::forward` bit for bit: the model's outputs, and every
 //! parity test written against the stock path, do not change.
 //!

@@ -20,8 +20,8 @@ use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use mistralrs_core::kv_backend::{
-    AttentionInput, EitherCache, ForwardInfo, ForwardScope, ForwardState, KvCache, KvCacheBackend,
-    NormalCache, SdpaParams, SequenceIdsScope,
+    AttentionInput, EitherCache, ForwardInfo, ForwardState, KvCache, KvCacheBackend, NormalCache,
+    SdpaParams,
 };
 use omnikv_kernels::quant;
 use serde::Deserialize;
@@ -811,32 +811,6 @@ impl LlamaOmniKv {
     /// If the cache's lock was poisoned by a panic during an earlier pass
     /// (the host's `EitherCache::normal` unwraps it).
     pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        offsets: &[usize],
-        context_lens: Vec<(usize, usize)>,
-    ) -> Result<Tensor> {
-        if rayon::current_thread_index().is_some() {
-            return self.forward_here(input_ids, offsets, context_lens);
-        }
-        // The pass runs on a worker of rayon's global pool, the pool every
-        // product and attention kernel of the pass splits its work over:
-        // the caller (the host's engine thread) sleeps until it is done,
-        // instead of handing each of the ~250 parallel loops of a decode step
-        // to the pool and competing for the cores with the workers that spin
-        // between them. Same arithmetic, same results. The per-pass context
-        // the host set on the calling thread is set again on the worker.
-        let sequence_ids = mistralrs_core::kv_backend::current_sequence_ids();
-        let prompt_lens = mistralrs_core::kv_backend::current_prompt_lens();
-        let options = mistralrs_core::kv_backend::current_request_options();
-        rayon::scope(|_| {
-            let _ids = sequence_ids.map(SequenceIdsScope::enter);
-            let _pass = prompt_lens.map(|lens| ForwardScope::enter_with_options(lens, options));
-            self.forward_here(input_ids, offsets, context_lens)
-        })
-    }
-
-    fn forward_here(
         &self,
         input_ids: &Tensor,
         offsets: &[usize],
