@@ -20,7 +20,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 HOST_VERSION=$(cat patches/HOST_VERSION)
-CRATES=(mistralrs-core mistralrs-cli mistralrs-server-core mistralrs)
+CRATES=(mistralrs-core mistralrs-cli mistralrs-server-core mistralrs mistralrs-quant)
 CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 
 # The patches of a crate in application order: its KV-cache series, then its

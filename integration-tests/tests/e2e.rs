@@ -22,3 +22,4 @@ mod selectors;
 mod server_defaults;
 mod short_prompts;
 mod stock_parity;
+mod tensor_parallel;

@@ -77,6 +77,7 @@ fn prepare_is_idempotent_and_reproduces_host() {
         "mistralrs-cli",
         "mistralrs-server-core",
         "mistralrs",
+        "mistralrs-quant",
     ] {
         let out = Command::new("diff")
             .args(["-r", "-q", "-x", ".prepared", "-x", "target"])

@@ -11,7 +11,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`names`], [`accounting`], [`telemetry`], [`budget`] | registered names, per-sequence release records, Prometheus metrics and per-sequence statistics, token budgets and context limits |
+//! | [`names`], [`accounting`], [`telemetry`], [`budget`], [`tensor_parallel`] | registered names, per-sequence release records, Prometheus metrics and per-sequence statistics, token budgets and context limits, this process as one rank of several (the host's communicator, the exact shared top-k) |
 //! | [`attention`] | the attention kernels of this crate (exact, tiled, accelerator, sparse), over `omnikv_kernels` |
 //! | [`prefill`] | the one place that decides which kernel a prompt pass runs |
 //! | [`omnikv`] | the OmniKV backend: config, layer plan, selectors, tiered store, calibration recorder |
@@ -33,6 +33,7 @@ pub mod omnikv;
 pub mod prefill;
 pub mod rope;
 pub mod telemetry;
+pub mod tensor_parallel;
 
 use std::sync::{Arc, Once};
 

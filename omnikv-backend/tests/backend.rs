@@ -18,3 +18,4 @@ mod plan;
 mod recall;
 mod registry;
 mod selection;
+mod tensor_parallel;

@@ -29,6 +29,7 @@ use serde::Deserialize;
 use crate::attention::causal_mask;
 use crate::batch_invariant::{matmul_fixed_rows, ROW_BLOCK};
 pub use crate::rope::Rotary;
+use crate::tensor_parallel::TensorParallel;
 
 // ---------------------------------------------------------------- config ---
 
@@ -235,6 +236,9 @@ impl RmsNorm {
 struct Linear {
     weights: QMatMul,
     prefill_f32: Option<Tensor>,
+    /// Row-parallel under tensor parallelism (output and down projections):
+    /// this rank's product is a partial sum, completed across the ranks.
+    reduce: Option<Arc<TensorParallel>>,
 }
 
 /// `x` `(.., k)` times `w.t()` (`w` `(n, k)`), each row computed in a
@@ -269,9 +273,13 @@ fn project(m: &QMatMul, x: &Tensor) -> Result<Tensor> {
 
 impl Linear {
     fn forward(&self, x: &Tensor, prompt_pass: bool) -> Result<Tensor> {
-        match &self.prefill_f32 {
-            Some(w) if prompt_pass => row_invariant_matmul(&x.to_dtype(w.dtype())?, w),
-            _ => project(&self.weights, x),
+        let y = match &self.prefill_f32 {
+            Some(w) if prompt_pass => row_invariant_matmul(&x.to_dtype(w.dtype())?, w)?,
+            _ => project(&self.weights, x)?,
+        };
+        match &self.reduce {
+            Some(tp) => tp.sum(&y),
+            None => Ok(y),
         }
     }
 }
@@ -457,26 +465,99 @@ impl LlamaOmniKv {
         device: &Device,
         backend: Arc<dyn KvCacheBackend>,
     ) -> anyhow::Result<Self> {
+        Self::load_hf_sharded(config_json, safetensors, dtype, device, backend, None)
+    }
+
+    /// [`Self::load_hf`] as one rank of several (`tp`; `None` is
+    /// [`Self::load_hf`], bit for bit), the split of the host's Llama
+    /// (Megatron-style): this rank holds query heads `[r h / n, (r + 1) h /
+    /// n)` and the KV heads they read, the matching rows of `q/k/v_proj` and
+    /// of `gate/up_proj` (`intermediate_size / n` of them), and the matching
+    /// columns of `o_proj` and `down_proj`, whose products are summed across
+    /// the ranks ([`TensorParallel::sum`]). Embedding, norms and `lm_head`
+    /// are replicated. The projections stay this crate's batch-invariant
+    /// products ([`row_invariant_matmul`]), not the host's parallel layers,
+    /// so one rank computes what one device computes for its share.
+    ///
+    /// # Errors
+    /// As [`Self::load_hf`], and if the query heads, the KV heads or the
+    /// MLP width are not multiples of the world size.
+    pub fn load_hf_sharded(
+        config_json: &str,
+        safetensors: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        backend: Arc<dyn KvCacheBackend>,
+        tp: Option<Arc<TensorParallel>>,
+    ) -> anyhow::Result<Self> {
         let cfg = LlamaConfig::from_hf_json(config_json)?;
         check_shape(&cfg)?;
+        let (rank, ranks) = tp.as_ref().map_or((0, 1), |t| (t.rank(), t.world_size()));
+        for (what, n) in [
+            ("attention heads", cfg.num_attention_heads),
+            ("KV heads", cfg.num_kv_heads()),
+            ("intermediate_size", cfg.intermediate_size),
+        ] {
+            if n % ranks != 0 {
+                anyhow::bail!(
+                    "tensor parallelism over {ranks} ranks needs {what} ({n}) to be a multiple of {ranks}; run with a world size that divides it"
+                );
+            }
+        }
+        // Sharded weights are read on the CPU and only this rank's part is
+        // moved to the device.
+        let load_device = if tp.is_some() { &Device::Cpu } else { device };
         // SAFETY: the files are memory-mapped read-only and not modified while
         // the model lives, as for every safetensors loader.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(safetensors, dtype, device)? };
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(safetensors, dtype, load_device)? };
         let (hd, kvh, nh) = (cfg.head_dim(), cfg.num_kv_heads(), cfg.num_attention_heads);
-        let linear = |vb: &VarBuilder, out: usize, inp: usize| -> Result<Linear> {
+        let (kvh, nh) = (kvh / ranks, nh / ranks);
+        /// Which dimension of a `(out, in)` weight a rank takes its share of.
+        #[derive(Clone, Copy)]
+        enum Split {
+            Whole,
+            /// Output rows (column-parallel); the product is this rank's part.
+            Rows,
+            /// Input columns (row-parallel); the products are summed.
+            Columns,
+        }
+        let linear = |vb: &VarBuilder, out: usize, inp: usize, split: Split| -> Result<Linear> {
+            let w = vb.get((out, inp), "weight")?;
+            let (w, reduce) = match (split, &tp) {
+                (Split::Rows, Some(_)) => (w.narrow(0, rank * out / ranks, out / ranks)?, None),
+                (Split::Columns, Some(t)) => (
+                    w.narrow(1, rank * inp / ranks, inp / ranks)?,
+                    Some(t.clone()),
+                ),
+                _ => (w, None),
+            };
+            let w = if tp.is_some() {
+                w.contiguous()?.to_device(device)?
+            } else {
+                w
+            };
             Ok(Linear {
-                weights: QMatMul::Tensor(vb.get((out, inp), "weight")?),
+                weights: QMatMul::Tensor(w),
                 prefill_f32: None,
+                reduce,
             })
         };
+        let to_device = |t: Tensor| -> Result<Tensor> { t.to_device(device) };
         let vb_m = vb.pp("model");
-        let embed = vb_m
-            .pp("embed_tokens")
-            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed = to_device(
+            vb_m.pp("embed_tokens")
+                .get((cfg.vocab_size, cfg.hidden_size), "weight")?,
+        )?;
         let lm_head = if cfg.tie_word_embeddings {
             QMatMul::Tensor(embed.clone())
         } else {
-            linear(&vb.pp("lm_head"), cfg.vocab_size, cfg.hidden_size)?.weights
+            linear(
+                &vb.pp("lm_head"),
+                cfg.vocab_size,
+                cfg.hidden_size,
+                Split::Whole,
+            )?
+            .weights
         };
         let rotary = Arc::new(Rotary::new(
             &llama3_inv_freq(cfg.rope_theta, hd, cfg.rope_scaling.as_ref()),
@@ -488,7 +569,7 @@ impl LlamaOmniKv {
         super::attach_rotary(&*backend, &rotary);
         let norm = |vb: VarBuilder| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: vb.get(cfg.hidden_size, "weight")?,
+                weight: to_device(vb.get(cfg.hidden_size, "weight")?)?,
                 eps: cfg.rms_norm_eps as f32,
             })
         };
@@ -500,10 +581,30 @@ impl LlamaOmniKv {
                 Ok(Block {
                     input_layernorm: norm(vb_l.pp("input_layernorm"))?,
                     attn: Attention {
-                        q_proj: linear(&vb_a.pp("q_proj"), nh * hd, cfg.hidden_size)?,
-                        k_proj: linear(&vb_a.pp("k_proj"), kvh * hd, cfg.hidden_size)?,
-                        v_proj: linear(&vb_a.pp("v_proj"), kvh * hd, cfg.hidden_size)?,
-                        o_proj: linear(&vb_a.pp("o_proj"), cfg.hidden_size, nh * hd)?,
+                        q_proj: linear(
+                            &vb_a.pp("q_proj"),
+                            ranks * nh * hd,
+                            cfg.hidden_size,
+                            Split::Rows,
+                        )?,
+                        k_proj: linear(
+                            &vb_a.pp("k_proj"),
+                            ranks * kvh * hd,
+                            cfg.hidden_size,
+                            Split::Rows,
+                        )?,
+                        v_proj: linear(
+                            &vb_a.pp("v_proj"),
+                            ranks * kvh * hd,
+                            cfg.hidden_size,
+                            Split::Rows,
+                        )?,
+                        o_proj: linear(
+                            &vb_a.pp("o_proj"),
+                            cfg.hidden_size,
+                            ranks * nh * hd,
+                            Split::Columns,
+                        )?,
                         num_heads: nh,
                         num_kv_heads: kvh,
                         head_dim: hd,
@@ -517,16 +618,19 @@ impl LlamaOmniKv {
                             &vb_f.pp("gate_proj"),
                             cfg.intermediate_size,
                             cfg.hidden_size,
+                            Split::Rows,
                         )?,
                         up_proj: linear(
                             &vb_f.pp("up_proj"),
                             cfg.intermediate_size,
                             cfg.hidden_size,
+                            Split::Rows,
                         )?,
                         down_proj: linear(
                             &vb_f.pp("down_proj"),
                             cfg.hidden_size,
                             cfg.intermediate_size,
+                            Split::Columns,
                         )?,
                     },
                 })
@@ -677,6 +781,7 @@ impl LlamaOmniKv {
                 Ok(Linear {
                     weights: QMatMul::from_qtensor(t)?,
                     prefill_f32,
+                    reduce: None,
                 })
             };
             let attn = Attention {
@@ -925,5 +1030,13 @@ impl mistralrs_core::kv_backend::CustomTextModel for LlamaOmniKv {
 
     fn max_seq_len(&self) -> usize {
         self.max_seq_len
+    }
+
+    /// This rank's query and KV heads when the model is split across ranks
+    /// ([`LlamaOmniKv::load_hf_sharded`]); `None` on one device.
+    fn heads_per_rank(&self) -> Option<(usize, usize)> {
+        let attn = &self.blocks.first()?.attn;
+        (attn.num_heads != self.cfg.num_attention_heads)
+            .then_some((attn.num_heads, attn.num_kv_heads))
     }
 }

@@ -13,6 +13,7 @@ pub use llama::{llama3_inv_freq, Llama3RopeScaling, LlamaConfig, LlamaOmniKv};
 use crate::baselines::EvictingBackend;
 use crate::omnikv::{LayerPlan, OmniKvBackend};
 use crate::prefill::PrefillKernel;
+use crate::tensor_parallel::TensorParallel;
 
 pub use crate::names::ARCHITECTURE_NAME;
 
@@ -47,6 +48,23 @@ pub(crate) fn attach_rotary(backend: &dyn KvCacheBackend, rotary: &Arc<crate::ro
     }
 }
 
+/// Tell an `omnikv` backend that it runs as one rank of several (it merges
+/// the ranks' selections); the baselines need nothing (each KV head keeps
+/// its rows from its own query group's attention, all on one rank).
+///
+/// # Errors
+/// If the `omnikv` configuration cannot be served across ranks
+/// ([`OmniKvBackend::attach_tensor_parallel`]).
+fn attach_tensor_parallel(
+    backend: &dyn KvCacheBackend,
+    tp: &Arc<TensorParallel>,
+) -> anyhow::Result<()> {
+    if let Some(b) = backend.as_any().downcast_ref::<OmniKvBackend>() {
+        b.attach_tensor_parallel(tp.clone())?;
+    }
+    Ok(())
+}
+
 /// Reject a backend configuration that does not fit the model, at load time
 /// rather than on the first request.
 fn check_backend(backend: &Arc<dyn KvCacheBackend>, num_layers: usize) -> anyhow::Result<()> {
@@ -70,6 +88,12 @@ impl CustomArchitecture for LlamaOmniKvArchitecture {
     }
 
     fn load_gguf(&self, args: GgufLoadArgs<'_>) -> anyhow::Result<Box<dyn CustomTextModel>> {
+        let ranks = crate::tensor_parallel::requested_world_size()?;
+        if ranks > 1 {
+            anyhow::bail!(
+                "tensor parallelism ({ranks} ranks) is not available for GGUF models (mistral.rs has no tensor parallel GGUF path): serve the model's safetensors directory with `--format plain -m <dir>`, or run a single process"
+            );
+        }
         let model =
             LlamaOmniKv::load_gguf(args.files, args.dtype, args.device, args.backend.clone())?;
         check_backend(&args.backend, model.num_layers())?;
@@ -77,12 +101,23 @@ impl CustomArchitecture for LlamaOmniKvArchitecture {
     }
 
     fn load_plain(&self, args: PlainLoadArgs<'_>) -> anyhow::Result<Box<dyn CustomTextModel>> {
-        let model = LlamaOmniKv::load_hf(
+        if args.comm.as_ref().is_some_and(|c| c.world_size() > 1) {
+            // Refuse what cannot run across ranks before they connect.
+            if let Some(b) = args.backend.as_any().downcast_ref::<OmniKvBackend>() {
+                b.check_tensor_parallel()?;
+            }
+        }
+        let tp = args.comm.clone().and_then(TensorParallel::new);
+        if let Some(tp) = &tp {
+            attach_tensor_parallel(&*args.backend, tp)?;
+        }
+        let model = LlamaOmniKv::load_hf_sharded(
             args.config_json,
             args.safetensors,
             args.dtype,
             args.device,
             args.backend.clone(),
+            tp,
         )?;
         check_backend(&args.backend, model.num_layers())?;
         Ok(Box::new(model))

@@ -27,7 +27,7 @@ use super::config::{OmniKvConfig, RequestOverride};
 use super::plan::{LayerPlan, LayerRole};
 use super::queries::QueryStore;
 use super::recall::{head_max_distribution, step_recall, Recorder};
-use super::selector::{make_selector, mass_capped, select_keeping, Selector};
+use super::selector::{make_selector, mass_capped, select_keeping_across, Selector, SelectorKind};
 use super::store::{Bytes, StoreUsage, TieredStore};
 use crate::accounting::ReleaseRecord;
 use crate::attention::{attended_rows, exact_attention, sparse_decode_attention};
@@ -35,6 +35,7 @@ use crate::budget::TokenBudget;
 use crate::prefill::dense_attention;
 use crate::rope::Rotary;
 use crate::telemetry::{DenseReason, StatsTable};
+use crate::tensor_parallel::TensorParallel;
 
 /// Name under which the backend is registered with the host.
 pub use crate::names::BACKEND_NAME;
@@ -59,6 +60,9 @@ pub struct OmniKvBackend {
     /// ([`Self::attach_rotary`]); window selectors re-rotate their queries
     /// with them.
     rotary: Arc<Mutex<Option<Arc<Rotary>>>>,
+    /// This rank's place among several under tensor parallelism
+    /// ([`Self::attach_tensor_parallel`]); `None` on one device.
+    tp: Arc<Mutex<Option<Arc<TensorParallel>>>>,
     /// Per-sequence statistics; metrics go out through [`crate::telemetry`].
     stats: Arc<StatsTable>,
 }
@@ -147,8 +151,64 @@ impl OmniKvBackend {
             gather_pool: Arc::new(OnceLock::new()),
             queries,
             rotary: Arc::new(Mutex::new(None)),
+            tp: Arc::new(Mutex::new(None)),
             stats: Arc::new(StatsTable::default()),
         }
+    }
+
+    /// Run as one rank of several: the model holds this rank's heads only,
+    /// and every filter layer merges the ranks' top-k so that all ranks
+    /// attend the same rows ([`select_keeping_across`]). `llama_omnikv`
+    /// calls this at load when the host runs it tensor parallel.
+    ///
+    /// # Errors
+    /// If the configuration needs more than a max over heads to score
+    /// positions, which the merge does not carry: a selector other than
+    /// `last` (`softmax_before_last` normalises each head over all
+    /// positions, then needs a global max of normalised scores, which is
+    /// exact too but not implemented; the window selectors also keep past
+    /// queries per rank and sum over them), `selection_mass` (a softmax mass
+    /// over every head), or `record_recall` (each rank would record its own
+    /// heads' attention).
+    pub fn attach_tensor_parallel(&self, tp: Arc<TensorParallel>) -> anyhow::Result<()> {
+        self.check_tensor_parallel()?;
+        tracing::info!(
+            "omnikv: rank {} of {}, filter layers merge the ranks' top-k",
+            tp.rank(),
+            tp.world_size()
+        );
+        *self.tp.lock().unwrap_or_else(|e| e.into_inner()) = Some(tp);
+        Ok(())
+    }
+
+    /// Whether this configuration can run as one rank of several (see
+    /// [`Self::attach_tensor_parallel`]); checked before the ranks connect.
+    ///
+    /// # Errors
+    /// As [`Self::attach_tensor_parallel`].
+    pub fn check_tensor_parallel(&self) -> anyhow::Result<()> {
+        let fix = "the `omnikv` backend under tensor parallelism supports";
+        if self.config.selector != SelectorKind::Last {
+            anyhow::bail!(
+                "{fix} `selector_cls: \"last\"` only (got {:?}): set it, or run on one device",
+                self.config.selector
+            );
+        }
+        if self.config.selection_mass.is_some() {
+            anyhow::bail!(
+                "{fix} budgets in tokens only: remove `selection_mass`, or run on one device"
+            );
+        }
+        if self.config.record_recall.is_some() {
+            anyhow::bail!(
+                "{fix} no recall recording: remove `record_recall`, or run on one device"
+            );
+        }
+        Ok(())
+    }
+
+    fn tensor_parallel(&self) -> Option<Arc<TensorParallel>> {
+        self.tp.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Give the backend the model's rotary tables: window selectors score
@@ -637,6 +697,7 @@ impl KvCacheBackend for OmniKvBackend {
         match role {
             LayerRole::Filter => {
                 let started = Instant::now();
+                let tp = self.tensor_parallel();
                 let mut per_seq = Vec::with_capacity(b);
                 for i in 0..b {
                     let p = step.prompt_lens[i].min(n);
@@ -668,7 +729,7 @@ impl KvCacheBackend for OmniKvBackend {
                         }
                         _ => input.q.get(i)?.transpose(0, 1)?, // (1, h, d)
                     };
-                    let mut sel = select_keeping(
+                    let mut sel = select_keeping_across(
                         &*self.selector,
                         &queries,
                         &keys,
@@ -676,6 +737,7 @@ impl KvCacheBackend for OmniKvBackend {
                         budget,
                         n - p,
                         self.config.keep,
+                        tp.as_deref(),
                     )?;
                     if let Some(target) = self.config.selection_mass {
                         // The current query's mass over every row.
@@ -700,6 +762,12 @@ impl KvCacheBackend for OmniKvBackend {
                 }
                 step.selection_time += started.elapsed();
                 tracing::trace!("omnikv layer {layer}: selected {per_seq:?} of {n} rows");
+                if let Some(tp) = &tp {
+                    tracing::debug!(
+                        "omnikv rank {} layer {layer}: selected {per_seq:?} of {n} rows",
+                        tp.rank()
+                    );
+                }
                 step.selections[layer] = Some(per_seq);
                 if self.config.real_offload {
                     self.start_prefetch(step, plan, layer, input.q.device())?;

@@ -13,6 +13,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::tensor_parallel::{shared_top_k, TensorParallel};
+
 use serde::{Deserialize, Serialize};
 
 /// Token scoring rule at a filter layer (`selector_cls`; spec: "Selection at
@@ -241,6 +243,39 @@ pub fn select_keeping(
     decoded: usize,
     keep: Keep,
 ) -> Result<Vec<u32>> {
+    select_keeping_across(
+        selector,
+        queries,
+        prompt_keys,
+        scale,
+        k,
+        decoded,
+        keep,
+        None,
+    )
+}
+
+/// [`select_keeping`] for one rank of several (`tp`): `queries` and
+/// `prompt_keys` hold this rank's heads only, and the top-k runs over the
+/// global scores, the max over every rank's ([`shared_top_k`]), so every
+/// rank returns the same positions, those the single-device selection over
+/// all heads returns. Exact for selectors whose score is a max over heads
+/// of a per-head value (`last`); the backend refuses the others under
+/// tensor parallelism. `tp = None` is [`select_keeping`].
+///
+/// # Errors
+/// As [`select_keeping`], and if the collective fails.
+#[allow(clippy::too_many_arguments)]
+pub fn select_keeping_across(
+    selector: &dyn Selector,
+    queries: &Tensor,
+    prompt_keys: &Tensor,
+    scale: f64,
+    k: usize,
+    decoded: usize,
+    keep: Keep,
+    tp: Option<&TensorParallel>,
+) -> Result<Vec<u32>> {
     let p = prompt_keys.dim(1)?;
     if k >= p {
         return Ok((0..p as u32).collect());
@@ -263,11 +298,12 @@ pub fn select_keeping(
     let candidates = p - window_tail;
     let scores = selector.scores(queries, &prompt_keys.narrow(1, 0, candidates)?, scale)?;
     // Top-k where the scores are (on the GPU too); only k indices come back.
-    let top = omnikv_kernels::ops::top_k(
-        &scores.narrow(0, sink, rest - sink)?,
-        k.saturating_sub(sink + tail).max(1),
-    )?
-    .to_vec1::<u32>()?;
+    let middle = scores.narrow(0, sink, rest - sink)?;
+    let k_middle = k.saturating_sub(sink + tail).max(1);
+    let top = match tp {
+        None => omnikv_kernels::ops::top_k(&middle, k_middle)?.to_vec1::<u32>()?,
+        Some(tp) => shared_top_k(&middle, k_middle, tp)?,
+    };
     let mut out: Vec<u32> = (0..sink as u32).collect();
     out.extend(top.into_iter().map(|i| i + sink as u32));
     out.extend(rest as u32..p as u32);
