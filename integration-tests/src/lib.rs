@@ -58,6 +58,20 @@ pub fn tiny_model_args() -> Vec<String> {
     ]
 }
 
+/// Prompts for the tiny checkpoint ([`tiny_model_args`]), one of each
+/// length in words, deterministic: `t3` .. `t252` in a fixed stride.
+pub fn tiny_prompts(lengths: &[usize]) -> Vec<String> {
+    lengths
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|i| format!("t{}", (i * 37 + n) % 250 + 3))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
 /// Run the CLI to completion with a time limit.
 pub fn run_cli(args: &[&str], timeout: Duration) -> Result<Output> {
     let mut child = Command::new(mistralrs_bin())

@@ -8,7 +8,7 @@
 use std::thread;
 use std::time::Duration;
 
-use integration_tests::{http, root, serial, tiny_model_args, Server};
+use integration_tests::{http, root, serial, tiny_model_args, tiny_prompts, Server};
 
 const SELECTORS: [&str; 4] = ["last", "softmax_before_last", "uniform", "exp"];
 
@@ -161,15 +161,7 @@ fn every_selector_serves_the_real_model() {
 fn every_selector_serves_the_tiny_checkpoint() {
     let _guard = serial();
     let model = tiny_model_args();
-    let prompts: Vec<String> = [24, 40, 64]
-        .iter()
-        .map(|&n| {
-            (0..n)
-                .map(|i| format!("t{}", (i * 37 + n) % 250 + 3))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
+    let prompts = tiny_prompts(&[24, 40, 64]);
     let mut runs: Vec<(String, bool)> = SELECTORS.iter().map(|s| (s.to_string(), false)).collect();
     // Offload keeps the sparse layer's rows in the host tier.
     runs.push(("exp".into(), true));

@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{mistralrs_bin, model_args, root, serial, tiny_model_args, Server};
+use integration_tests::{
+    mistralrs_bin, model_args, root, serial, tiny_model_args, tiny_prompts, Server,
+};
 
 /// A free TCP port on the loopback interface.
 fn free_port() -> u16 {
@@ -111,15 +113,7 @@ fn selections(log: &str, rank: usize) -> Vec<String> {
 }
 
 fn prompts() -> Vec<String> {
-    [24, 40, 64]
-        .iter()
-        .map(|&n| {
-            (0..n)
-                .map(|i| format!("t{}", (i * 37 + n) % 250 + 3))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect()
+    tiny_prompts(&[24, 40, 64])
 }
 
 /// Greedy completions of the prompts by a server (one at a time).

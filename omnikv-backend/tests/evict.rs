@@ -16,19 +16,7 @@ use mistralrs_core::kv_backend::{
 use omnikv_backend::baselines::{causal_attention_mass, rows_to_keep, EvictionPolicy};
 use omnikv_backend::{EvictingBackend, EvictionConfig, OmniKvBackend, OmniKvConfig};
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next() % 20_000) as f32 / 10_000.0 - 1.0
-    }
-}
+use crate::common::Lcg;
 
 /// The keep rule written the slow, obvious way: sort everything.
 fn naive_keep(policy: EvictionPolicy, pos: &[u32], mass: &[f32], cap: usize) -> Vec<u32> {

@@ -8,18 +8,7 @@ use candle_core::Device;
 use omnikv_backend::omnikv::selector::top_k_sorted;
 use omnikv_backend::tensor_parallel::{merge_top_k, TensorParallel};
 
-/// Deterministic pseudo-random numbers (64-bit LCG, high bits).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
-    }
-}
+use crate::common::Lcg;
 
 /// The merge of each rank's local top-k `(position, local score)` pairs.
 fn merged(locals: &[Vec<f32>], k: usize) -> Vec<u32> {

@@ -69,3 +69,22 @@ pub fn decode_steps(model: &LlamaOmniKv, seq: usize, ids: &[u32], prompt: usize)
 /// Deterministic values in [-1, 1) (xorshift).
 #[allow(unused_imports)] // not every test binary draws random values
 pub use omnikv_kernels::testing::rand_vec;
+
+/// Deterministic pseudo-random numbers (64-bit LCG, high bits).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next value, 31 bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+
+    /// A value in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next() % 20_000) as f32 / 10_000.0 - 1.0
+    }
+}
