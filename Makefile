@@ -9,7 +9,7 @@ KV_CACHE ?= omnikv
 KV_CACHE_CONFIG ?= configs/serve.json
 CARGO ?= cargo
 
-.PHONY: prepare build serve test eval divergence ab calibrate peers fixtures cuda-check gpu-bundle fmt
+.PHONY: prepare build serve test eval divergence ab calibrate peers fixtures cuda-check nccl-check gpu-bundle fmt
 
 ## Extract and patch the pinned host crates, fetch the model, install the
 ## OpenAI Python client the streaming-error test drives the server with.
@@ -104,3 +104,8 @@ gpu-bundle:
 
 fmt:
 	$(CARGO) fmt -p omnikv-kernels -p omnikv-backend -p omnikv-eval -p omnikv-tools -p integration-tests
+
+## Compile-check the workspace with CUDA + NCCL (tensor parallelism across
+## GPUs) without a GPU, in target/nccl-check (about 20 min cold; not in CI).
+nccl-check: prepare
+	scripts/check-nccl.sh

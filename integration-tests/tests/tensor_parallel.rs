@@ -283,6 +283,67 @@ fn four_ranks_of_the_stock_model_answer_as_one_device() {
     }
 }
 
+/// Ranks started with different budgets would select different rows: the
+/// ring answered wrongly and then hung. Both ranks now refuse at load.
+#[test]
+fn ranks_with_different_configurations_are_refused_at_load() {
+    let _guard = serial();
+    let [rc0, rc1] = ring_configs("mismatch");
+    let mut children = Vec::new();
+    for (rank, (rc, budget)) in [(&rc0, 0.25), (&rc1, 0.5)].into_iter().enumerate() {
+        let config = rc.with_extension("omnikv.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0,
+                "num_of_selected_tokens": budget})
+            .to_string(),
+        )
+        .unwrap();
+        let child = Command::new(mistralrs_bin())
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "-p",
+                &free_port().to_string(),
+            ])
+            .args([
+                "--kv-cache",
+                "omnikv",
+                "--kv-cache-config",
+                config.to_str().unwrap(),
+            ])
+            .args(tiny_model_args())
+            .current_dir(root())
+            .env("RING_CONFIG", rc)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn rank {rank}: {e}"));
+        children.push((child, config));
+    }
+    watchdog(
+        children.iter().map(|(c, _)| c.id()).collect(),
+        Duration::from_secs(120),
+    );
+    for (rank, (child, config)) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().expect("the rank exits");
+        let _ = std::fs::remove_file(config);
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "rank {rank} kept running:\n{text}");
+        assert!(
+            text.contains("runs another model or KV-cache configuration than rank 0")
+                && text.contains("the same --kv-cache-config"),
+            "rank {rank}:\n{text}"
+        );
+    }
+    for p in [&rc0, &rc1] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// Rank 0 alone with `omnikv_config` and `model`: it must exit at start
 /// (before waiting for rank 1) with an error; returns its output.
 fn refused_at_start(tag: &str, omnikv_config: &str, model: &[String]) -> String {

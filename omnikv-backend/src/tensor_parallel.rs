@@ -170,3 +170,40 @@ pub fn requested_world_size() -> anyhow::Result<usize> {
     }
     Ok(1)
 }
+
+impl TensorParallel {
+    /// Check that every rank runs with the same `setup` (a description of
+    /// the model and the KV-cache configuration): ranks that disagree (for
+    /// example on the selection budget) would select different rows and
+    /// leave the ring out of step, answering wrongly and then hanging. One
+    /// all-gather of a 64-bit fingerprint of `setup` at load. `device` is
+    /// the communicator's.
+    ///
+    /// # Errors
+    /// If the ranks' fingerprints differ (the message names the first rank
+    /// that differs from rank 0), or the collective fails.
+    pub fn check_same_setup(&self, setup: &str, device: &Device) -> anyhow::Result<()> {
+        let h = fingerprint(setup);
+        // Four 16-bit pieces: exact in f32.
+        let local: Vec<f32> = (0..4).map(|i| ((h >> (16 * i)) & 0xffff) as f32).collect();
+        let all = self.all_gather_f32(&local, device)?;
+        let ranks: Vec<&[f32]> = all.chunks_exact(4).collect();
+        if let Some(r) = ranks.iter().position(|f| *f != ranks[0]) {
+            anyhow::bail!(
+                "tensor parallel rank {r} runs another model or KV-cache configuration than rank 0 (this is rank {}: {setup}); start every rank with the same model arguments and the same --kv-cache-config",
+                self.rank()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// FNV-1a (64 bits) of `text`: the same on every machine and build.
+pub fn fingerprint(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

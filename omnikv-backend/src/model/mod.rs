@@ -48,6 +48,25 @@ pub(crate) fn attach_rotary(backend: &dyn KvCacheBackend, rotary: &Arc<crate::ro
     }
 }
 
+/// What every rank must agree on: the model's `config.json`, the dtype, the
+/// backend and its configuration.
+fn setup(args: &PlainLoadArgs<'_>) -> String {
+    let backend = args.backend.as_any();
+    let config = if let Some(b) = backend.downcast_ref::<OmniKvBackend>() {
+        format!("{:?}", b.config())
+    } else if let Some(b) = backend.downcast_ref::<EvictingBackend>() {
+        format!("{:?}", b.config())
+    } else {
+        String::new()
+    };
+    format!(
+        "model config.json {:016x} ({:?}), backend `{}` {config}",
+        crate::tensor_parallel::fingerprint(args.config_json),
+        args.dtype,
+        args.backend.name()
+    )
+}
+
 /// Tell an `omnikv` backend that it runs as one rank of several (it merges
 /// the ranks' selections); the baselines need nothing (each KV head keeps
 /// its rows from its own query group's attention, all on one rank).
@@ -109,6 +128,7 @@ impl CustomArchitecture for LlamaOmniKvArchitecture {
         }
         let tp = args.comm.clone().and_then(TensorParallel::new);
         if let Some(tp) = &tp {
+            tp.check_same_setup(&setup(&args), args.device)?;
             attach_tensor_parallel(&*args.backend, tp)?;
         }
         let model = LlamaOmniKv::load_hf_sharded(

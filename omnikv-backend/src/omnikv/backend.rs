@@ -190,8 +190,8 @@ impl OmniKvBackend {
         let fix = "the `omnikv` backend under tensor parallelism supports";
         if self.config.selector != SelectorKind::Last {
             anyhow::bail!(
-                "{fix} `selector_cls: \"last\"` only (got {:?}): set it, or run on one device",
-                self.config.selector
+                "{fix} `selector_cls: \"last\"` only (got {}): set it, or run on one device",
+                serde_json::to_string(&self.config.selector).unwrap_or_default()
             );
         }
         if self.config.selection_mass.is_some() {
