@@ -12,12 +12,6 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cap=${CUDA_COMPUTE_CAP:-90}
-ARCHS="$cap" scripts/check-cuda-kernels.sh >/dev/null
-site=$(ls -d "$root"/.venv-nvcc/lib/python*/site-packages | head -n1)
-export CUDA_HOME="$site/nvidia/cu13"
-export PATH="$CUDA_HOME/bin:$PATH"
-export NVCC_APPEND_FLAGS="-I$CUDA_HOME/include/cccl"
-export CUDA_COMPUTE_CAP="$cap"
-unset NVCC
+. "$root/scripts/cuda-env.sh"
 cargo check --workspace --features mistralrs-cli/nccl --target-dir target/nccl-check
 echo "check-nccl: the workspace compiles with CUDA + NCCL (+ ring), sm_$cap"

@@ -44,13 +44,7 @@ target="$root/target/gpu-bundle"
 bundle="$target/bundle"
 mkdir -p "$target"
 
-ARCHS="$cap" scripts/check-cuda-kernels.sh >/dev/null
-site=$(ls -d "$root"/.venv-nvcc/lib/python*/site-packages | head -n1)
-export CUDA_HOME="$site/nvidia/cu13"
-export PATH="$CUDA_HOME/bin:$PATH"
-export NVCC_APPEND_FLAGS="-I$CUDA_HOME/include/cccl"
-export CUDA_COMPUTE_CAP="$cap"
-unset NVCC
+. "$root/scripts/cuda-env.sh"
 
 # Link stubs: one shared library per CUDA library candle links, with the
 # soname the real one has in CUDA 13, defining every function cudarc binds.

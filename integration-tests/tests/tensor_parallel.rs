@@ -8,7 +8,7 @@
 //! tensor parallelism is refused at start with the way out.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -299,40 +299,13 @@ fn ranks_with_different_configurations_are_refused_at_load() {
             .to_string(),
         )
         .unwrap();
-        let child = Command::new(mistralrs_bin())
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "-p",
-                &free_port().to_string(),
-            ])
-            .args([
-                "--kv-cache",
-                "omnikv",
-                "--kv-cache-config",
-                config.to_str().unwrap(),
-            ])
-            .args(tiny_model_args())
-            .current_dir(root())
-            .env("RING_CONFIG", rc)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn rank {rank}: {e}"));
+        let child = spawn_omnikv_rank(&config, &tiny_model_args(), rc);
         children.push((child, config));
     }
-    watchdog(
-        children.iter().map(|(c, _)| c.id()).collect(),
-        Duration::from_secs(120),
-    );
     for (rank, (child, config)) in children.into_iter().enumerate() {
-        let out = child.wait_with_output().expect("the rank exits");
+        let (ok, text) = exit_and_output(child);
         let _ = std::fs::remove_file(config);
-        let text = String::from_utf8_lossy(&out.stderr).to_string()
-            + &String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "rank {rank} kept running:\n{text}");
+        assert!(!ok, "rank {rank} kept running:\n{text}");
         assert!(
             text.contains("runs another model or KV-cache configuration than rank 0")
                 && text.contains("the same --kv-cache-config"),
@@ -344,13 +317,10 @@ fn ranks_with_different_configurations_are_refused_at_load() {
     }
 }
 
-/// Rank 0 alone with `omnikv_config` and `model`: it must exit at start
-/// (before waiting for rank 1) with an error; returns its output.
-fn refused_at_start(tag: &str, omnikv_config: &str, model: &[String]) -> String {
-    let [rc0, rc1] = ring_configs(tag);
-    let config = std::env::temp_dir().join(format!("omnikv-tp-{tag}-{}.json", std::process::id()));
-    std::fs::write(&config, omnikv_config).unwrap();
-    let child = Command::new(mistralrs_bin())
+/// `mistralrs serve` as the rank of `ring_config`, `omnikv` with `config`,
+/// serving `model`; output captured.
+fn spawn_omnikv_rank(config: &Path, model: &[String], ring_config: &Path) -> Child {
+    Command::new(mistralrs_bin())
         .args([
             "serve",
             "--host",
@@ -366,23 +336,36 @@ fn refused_at_start(tag: &str, omnikv_config: &str, model: &[String]) -> String 
         ])
         .args(model)
         .current_dir(root())
-        .env("RING_CONFIG", &rc0)
+        .env("RING_CONFIG", ring_config)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn mistralrs");
+        .expect("spawn mistralrs")
+}
+
+/// Wait for a rank (killed after 120 s): whether it exited successfully,
+/// and its output.
+fn exit_and_output(child: Child) -> (bool, String) {
     watchdog(vec![child.id()], Duration::from_secs(120));
-    let out = child.wait_with_output().expect("the CLI exits");
+    let out = child.wait_with_output().expect("the rank exits");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Rank 0 alone with `omnikv_config` and `model`: it must exit at start
+/// (before waiting for rank 1) with an error; returns its output.
+fn refused_at_start(tag: &str, omnikv_config: &str, model: &[String]) -> String {
+    let [rc0, rc1] = ring_configs(tag);
+    let config = std::env::temp_dir().join(format!("omnikv-tp-{tag}-{}.json", std::process::id()));
+    std::fs::write(&config, omnikv_config).unwrap();
+    let child = spawn_omnikv_rank(&config, model, &rc0);
+    let (ok, text) = exit_and_output(child);
     for p in [&rc0, &rc1, &config] {
         let _ = std::fs::remove_file(p);
     }
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{tag}: rank 0 started:\n{text}");
+    assert!(!ok, "{tag}: rank 0 started:\n{text}");
     text
 }
 

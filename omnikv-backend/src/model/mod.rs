@@ -67,23 +67,6 @@ fn setup(args: &PlainLoadArgs<'_>) -> String {
     )
 }
 
-/// Tell an `omnikv` backend that it runs as one rank of several (it merges
-/// the ranks' selections); the baselines need nothing (each KV head keeps
-/// its rows from its own query group's attention, all on one rank).
-///
-/// # Errors
-/// If the `omnikv` configuration cannot be served across ranks
-/// ([`OmniKvBackend::attach_tensor_parallel`]).
-fn attach_tensor_parallel(
-    backend: &dyn KvCacheBackend,
-    tp: &Arc<TensorParallel>,
-) -> anyhow::Result<()> {
-    if let Some(b) = backend.as_any().downcast_ref::<OmniKvBackend>() {
-        b.attach_tensor_parallel(tp.clone())?;
-    }
-    Ok(())
-}
-
 /// Reject a backend configuration that does not fit the model, at load time
 /// rather than on the first request.
 fn check_backend(backend: &Arc<dyn KvCacheBackend>, num_layers: usize) -> anyhow::Result<()> {
@@ -120,16 +103,23 @@ impl CustomArchitecture for LlamaOmniKvArchitecture {
     }
 
     fn load_plain(&self, args: PlainLoadArgs<'_>) -> anyhow::Result<Box<dyn CustomTextModel>> {
-        if args.comm.as_ref().is_some_and(|c| c.world_size() > 1) {
+        // An `omnikv` backend merges the ranks' selections; the baselines
+        // need nothing (each KV head keeps its rows from its own query
+        // group's attention, all on one rank).
+        let omnikv = args.backend.as_any().downcast_ref::<OmniKvBackend>();
+        if let (Some(b), true) = (
+            omnikv,
+            args.comm.as_ref().is_some_and(|c| c.world_size() > 1),
+        ) {
             // Refuse what cannot run across ranks before they connect.
-            if let Some(b) = args.backend.as_any().downcast_ref::<OmniKvBackend>() {
-                b.check_tensor_parallel()?;
-            }
+            b.check_tensor_parallel()?;
         }
         let tp = args.comm.clone().and_then(TensorParallel::new);
         if let Some(tp) = &tp {
             tp.check_same_setup(&setup(&args), args.device)?;
-            attach_tensor_parallel(&*args.backend, tp)?;
+            if let Some(b) = omnikv {
+                b.attach_tensor_parallel(tp.clone())?;
+            }
         }
         let model = LlamaOmniKv::load_hf_sharded(
             args.config_json,
