@@ -221,6 +221,23 @@ fn metrics_count_what_the_requests_did() {
     );
     let fraction = st["mean_selected_fraction"].as_f64().unwrap();
     assert!((fraction - kept as f64 / p1 as f64).abs() < 1e-9, "{st}");
+    // Its decode passes' time and their selection's share, as the
+    // summaries summed them.
+    for (field, summary) in [
+        ("decode_seconds", "omnikv_decode_step_seconds_sum"),
+        ("selection_seconds", "omnikv_selection_seconds_sum"),
+    ] {
+        let got = st[field].as_f64().unwrap();
+        let want = delta(&before, &mid, summary, &[]);
+        assert!(
+            got > 0.0 && (got - want).abs() <= 1e-6 * want,
+            "{field}: {st}, {summary} moved by {want}"
+        );
+    }
+    assert!(
+        st["selection_seconds"].as_f64() < st["decode_seconds"].as_f64(),
+        "{st}"
+    );
 
     // 2. A streamed chat request with selection switched off by the
     // request, asking for its statistics.
@@ -335,6 +352,7 @@ fn metrics_count_what_the_requests_did() {
         "{stream_stats}"
     );
     assert_eq!(stream_stats["selected_rows"], json!(0), "{stream_stats}");
+    assert_eq!(stream_stats["decode_seconds"], json!(0.0), "{stream_stats}");
     // Nothing is in flight once every response is complete.
     assert_eq!(value(&after, "http_requests_in_flight", &[]), 0.0);
     // Every series the Grafana dashboard queries exists (the baselines'

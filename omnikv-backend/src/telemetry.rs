@@ -66,6 +66,14 @@ pub struct SequenceStats {
     pub peak_host_bytes: u64,
     /// Most device-tier bytes held at once.
     pub peak_device_bytes: u64,
+    /// Seconds of the decode passes with selection active, from their first
+    /// layer to the end of the model's forward (a batched pass counts in
+    /// full for each of its sequences).
+    pub decode_seconds: f64,
+    /// Seconds those passes spent scoring and selecting at the filter layers
+    /// (`omnikv_selection_seconds`); `selection_seconds / decode_seconds` is
+    /// the selection's share of a decode step.
+    pub selection_seconds: f64,
 }
 
 /// One live sequence's entry: its figures, why it is dense (if it is) and
@@ -139,6 +147,24 @@ impl StatsTable {
                 s.peak_device_bytes = s.peak_device_bytes.max(f.device_bytes);
                 s.moved_rows = f.moved_rows;
                 s.staged_rows = f.staged_rows;
+            }
+        }
+    }
+
+    /// A decode pass of `seqs` took `step_secs`, of which `selection_secs`
+    /// scoring and selecting; counted for the sequences with selection
+    /// active (not those decoding densely).
+    pub fn pass_times(&self, seqs: &[usize], selection_secs: f64, step_secs: f64) {
+        let mut table = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
+        for seq in seqs {
+            if let Some(Entry {
+                stats: s,
+                dense: None,
+                ..
+            }) = table.get_mut(seq)
+            {
+                s.decode_seconds += step_secs;
+                s.selection_seconds += selection_secs;
             }
         }
     }

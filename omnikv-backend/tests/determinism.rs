@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use mistralrs_core::kv_backend::{ForwardScope, KvCacheBackend, SequenceIdsScope};
+use mistralrs_core::kv_backend::{ForwardContext, ForwardScope, KvCacheBackend, SequenceIdsScope};
 use omnikv_backend::{EvictingBackend, EvictionConfig, LlamaOmniKv, OmniKvBackend, OmniKvConfig};
 
 const PROMPT: usize = 150;
@@ -113,6 +113,43 @@ fn check(label: &str, model: &LlamaOmniKv) {
         let got = run(model, &ids, &cuts);
         assert_same(label, &format!("passes from {cuts:?}"), &got, &cold);
     }
+}
+
+/// The prompt in one pass, then one decode step per remaining token, called
+/// with no forward context on this thread (as a direct caller of the model,
+/// such as a test, has); every pass's last logits.
+fn run_without_context(model: &LlamaOmniKv, ids: &[u32]) -> Vec<Vec<f32>> {
+    model.reset_cache();
+    let mut out = vec![common::step_logits(model, &ids[..PROMPT], 0, PROMPT - 1)];
+    for (pos, &id) in ids.iter().enumerate().take(TOTAL).skip(PROMPT) {
+        out.push(common::step_logits(model, &[id], pos, 0));
+    }
+    out
+}
+
+#[test]
+fn a_pass_on_the_pool_sees_only_its_callers_context() {
+    // The model runs each pass on a worker of rayon's global pool. A worker
+    // waiting inside one request's pass can pick up another pass, so every
+    // worker here is left as if inside another request (prompt lengths that
+    // make each step a prompt pass, `kv_cache.enabled = false`, another
+    // sequence id): a pass whose caller had no context must not see it.
+    let model = gguf(omnikv(serde_json::json!({})));
+    let ids: Vec<u32> = (0..TOTAL as u32).map(|i| (i * 41 + 5) % 251 + 3).collect();
+    let clean = run_without_context(&model, &ids);
+    rayon::broadcast(|_| {
+        let options = Some(vec![Some(Arc::new(serde_json::json!({"enabled": false})))]);
+        std::mem::forget(ForwardScope::enter_with_options(vec![4 * TOTAL], options));
+        std::mem::forget(SequenceIdsScope::enter(vec![next_seq()]));
+    });
+    let with_foreign = run_without_context(&model, &ids);
+    rayon::broadcast(|_| std::mem::forget(ForwardContext::default().enter()));
+    assert_same(
+        "omnikv",
+        "another pass's context on the pool's workers",
+        &with_foreign,
+        &clean,
+    );
 }
 
 #[test]

@@ -50,46 +50,73 @@ impl Online {
     /// Add one key with logit `s` and value row `v`.
     #[inline]
     pub fn push(&mut self, s: f32, v: &[f32]) {
-        let mut ms = 1.0f32;
-        let mut vs = 1.0f32;
-        if s > self.max {
-            let old = self.max;
-            self.max = s;
-            ms = (old - s).exp();
-            self.acc.iter_mut().for_each(|a| *a *= ms);
-        } else {
-            vs = (s - self.max).exp();
-        }
-        for (a, x) in self.acc.iter_mut().zip(v) {
-            *a += x * vs;
-        }
-        self.sum = self.sum * ms + vs;
+        online_push(&mut self.acc, &mut self.sum, &mut self.max, s, v);
     }
 
     /// Merge a later block of keys into this one.
     pub fn merge(&mut self, other: &Online) {
-        if self.max >= other.max {
-            let f = (other.max - self.max).exp();
-            for (a, b) in self.acc.iter_mut().zip(&other.acc) {
-                *a += b * f;
-            }
-            self.sum += other.sum * f;
-        } else {
-            let f = (self.max - other.max).exp();
-            for (a, b) in self.acc.iter_mut().zip(&other.acc) {
-                *a = b + *a * f;
-            }
-            self.sum = other.sum + self.sum * f;
-            self.max = other.max;
-        }
+        online_merge(
+            &mut self.acc,
+            &mut self.sum,
+            &mut self.max,
+            &other.acc,
+            other.sum,
+            other.max,
+        );
     }
 
     /// Write the normalised output (`d` values) into `out`.
     pub fn finish(&self, out: &mut [f32]) {
-        let inv = 1.0 / self.sum;
-        for (o, a) in out.iter_mut().zip(&self.acc) {
-            *o = a * inv;
+        online_finish(&self.acc, self.sum, out);
+    }
+}
+
+/// [`Online::push`] on a state held elsewhere (`acc` of `d` values, `sum`,
+/// `max`).
+#[inline]
+fn online_push(acc: &mut [f32], sum: &mut f32, max: &mut f32, s: f32, v: &[f32]) {
+    let mut ms = 1.0f32;
+    let mut vs = 1.0f32;
+    if s > *max {
+        let old = *max;
+        *max = s;
+        ms = (old - s).exp();
+        acc.iter_mut().for_each(|a| *a *= ms);
+    } else {
+        vs = (s - *max).exp();
+    }
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a += x * vs;
+    }
+    *sum = *sum * ms + vs;
+}
+
+/// [`Online::merge`] on states held elsewhere: the later block
+/// `(b, b_sum, b_max)` into `(acc, sum, max)`.
+#[inline]
+fn online_merge(acc: &mut [f32], sum: &mut f32, max: &mut f32, b: &[f32], b_sum: f32, b_max: f32) {
+    if *max >= b_max {
+        let f = (b_max - *max).exp();
+        for (a, b) in acc.iter_mut().zip(b) {
+            *a += b * f;
         }
+        *sum += b_sum * f;
+    } else {
+        let f = (*max - b_max).exp();
+        for (a, b) in acc.iter_mut().zip(b) {
+            *a = b + *a * f;
+        }
+        *sum = b_sum + *sum * f;
+        *max = b_max;
+    }
+}
+
+/// [`Online::finish`] on a state held elsewhere.
+#[inline]
+fn online_finish(acc: &[f32], sum: f32, out: &mut [f32]) {
+    let inv = 1.0 / sum;
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = a * inv;
     }
 }
 
@@ -122,13 +149,20 @@ impl RowView<'_> {
         match self.data {
             RowData::F32(x) => out.copy_from_slice(&x[at..at + d]),
             RowData::F16(x) => {
-                for (o, v) in out.iter_mut().zip(&x[at..at + d]) {
-                    *o = v.to_f32();
-                }
+                // half's slice conversion: F16C eight at a time where the
+                // build targets it; every f16 is exact in f32.
+                use half::slice::HalfFloatSliceExt;
+                let n = d.min(out.len());
+                x[at..at + n].convert_to_f32_slice(&mut out[..n]);
             }
             RowData::BF16(x) => {
+                // `bf16::to_f32` without its branch, so the loop vectorises:
+                // the bits shifted into the high half, a NaN's quiet bit set
+                // as `to_f32` sets it. The same value for every input.
                 for (o, v) in out.iter_mut().zip(&x[at..at + d]) {
-                    *o = v.to_f32();
+                    let bits = v.to_bits();
+                    let quiet = u32::from(bits & 0x7FFF > 0x7F80) << 6;
+                    *o = f32::from_bits((u32::from(bits) | quiet) << 16);
                 }
             }
         }
@@ -250,16 +284,32 @@ pub fn decode_tiles(
     use rayon::prelude::*;
     let g = h / kv_h;
     let tiles = n.div_ceil(DECODE_TILE);
-    let partial: Vec<Vec<Online>> = (0..tiles)
-        .into_par_iter()
-        .map(|t| {
+    let bh = b * h;
+    if bh * d == 0 {
+        return Vec::new();
+    }
+    // Each block's states live in two flat buffers (`d` accumulator values
+    // and `(sum, max)` per sequence and head) and each of rayon's splits
+    // reuses one set of row buffers: at 7.5K keys a layer has ~470 blocks,
+    // and a buffer or state per block and head was thousands of allocations
+    // per layer. The arithmetic is `Online`'s, in the same order.
+    let mut accs = vec![0f32; tiles * bh * d];
+    let mut stats = vec![(0f32, f32::NEG_INFINITY); tiles * bh];
+    let scratch = || {
+        (
+            vec![0f32; DECODE_TILE * d],
+            vec![0f32; DECODE_TILE * d],
+            KeyTile::default(),
+            vec![0f32; DECODE_TILE],
+        )
+    };
+    accs.par_chunks_mut(bh * d)
+        .zip(stats.par_chunks_mut(bh))
+        .enumerate()
+        .for_each_init(scratch, |(kbuf, vbuf, keys, logits), (t, (acc, stat))| {
             let (start, end) = (t * DECODE_TILE, ((t + 1) * DECODE_TILE).min(n));
             let len = end - start;
-            let mut kbuf = vec![0f32; len * d];
-            let mut vbuf = vec![0f32; len * d];
-            let mut keys = KeyTile::default();
-            let mut logits = vec![0f32; len];
-            let mut outs = Vec::with_capacity(b * h);
+            let logits = &mut logits[..len];
             for bi in 0..b {
                 for kh in 0..kv_h {
                     for (r, j) in (start..end).enumerate() {
@@ -271,31 +321,91 @@ pub fn decode_tiles(
                             &mut vbuf[r * d..(r + 1) * d],
                         );
                     }
-                    keys.fill(&kbuf, len, d);
+                    keys.fill(kbuf, len, d);
                     for gi in 0..g {
-                        let base = (bi * h + kh * g + gi) * d;
-                        let qr = &qv[base..base + d];
-                        keys.logits(qr, scale, &mut logits);
-                        let mut o = Online::new(d);
+                        let head = bi * h + kh * g + gi;
+                        let qr = &qv[head * d..(head + 1) * d];
+                        keys.logits(qr, scale, logits);
+                        let o = &mut acc[head * d..(head + 1) * d];
+                        let (sum, max) = &mut stat[head];
                         for (r, &logit) in logits.iter().enumerate() {
-                            o.push(logit, &vbuf[r * d..(r + 1) * d]);
+                            online_push(o, sum, max, logit, &vbuf[r * d..(r + 1) * d]);
                         }
-                        outs.push(o);
                     }
                 }
             }
-            outs
-        })
-        .collect();
-    let mut out = vec![0f32; b * h * d];
-    for bh in 0..b * h {
-        let mut acc = partial[0][bh].clone();
-        for tile in &partial[1..] {
-            acc.merge(&tile[bh]);
+        });
+    let mut out = vec![0f32; bh * d];
+    let (first, later) = accs.split_at_mut(bh * d);
+    for head in 0..bh {
+        let acc = &mut first[head * d..(head + 1) * d];
+        let (mut sum, mut max) = stats[head];
+        for t in 1..tiles {
+            let (b_sum, b_max) = stats[t * bh + head];
+            let b_acc = &later[((t - 1) * bh + head) * d..((t - 1) * bh + head + 1) * d];
+            online_merge(acc, &mut sum, &mut max, b_acc, b_sum, b_max);
         }
-        acc.finish(&mut out[bh * d..(bh + 1) * d]);
+        online_finish(acc, sum, &mut out[head * d..(head + 1) * d]);
     }
     out
+}
+
+/// `out[(j0 + j) * stride + r0 + i] = rows[(r0 + i) * d + j0 + j]` for
+/// `i, j < 8`: an 8 x 8 block of row-major `rows` (`d` columns) stored
+/// transposed (a [`KeyTile`] fill).
+///
+/// # Panics
+/// If the block lies outside `rows` or `out`.
+#[cfg(target_feature = "avx")]
+#[inline]
+fn transpose8(rows: &[f32], d: usize, r0: usize, j0: usize, out: &mut [f32], stride: usize) {
+    use std::arch::x86_64::*;
+    assert!((r0 + 7) * d + j0 + 8 <= rows.len() && j0 + 8 <= d);
+    assert!((j0 + 7) * stride + r0 + 8 <= out.len());
+    // SAFETY: the build targets AVX (cfg above); the asserts keep the eight
+    // 8-float loads (row `r0 + i`, columns `j0..j0 + 8`) inside `rows` and
+    // the eight 8-float stores (column `j0 + j`, lanes `r0..r0 + 8`) inside
+    // `out`.
+    unsafe {
+        let r = |i: usize| _mm256_loadu_ps(rows.as_ptr().add((r0 + i) * d + j0));
+        let (a0, a1, a2, a3) = (
+            _mm256_unpacklo_ps(r(0), r(1)),
+            _mm256_unpackhi_ps(r(0), r(1)),
+            _mm256_unpacklo_ps(r(2), r(3)),
+            _mm256_unpackhi_ps(r(2), r(3)),
+        );
+        let (a4, a5, a6, a7) = (
+            _mm256_unpacklo_ps(r(4), r(5)),
+            _mm256_unpackhi_ps(r(4), r(5)),
+            _mm256_unpacklo_ps(r(6), r(7)),
+            _mm256_unpackhi_ps(r(6), r(7)),
+        );
+        let (b0, b1, b2, b3) = (
+            _mm256_shuffle_ps::<0x44>(a0, a2),
+            _mm256_shuffle_ps::<0xEE>(a0, a2),
+            _mm256_shuffle_ps::<0x44>(a1, a3),
+            _mm256_shuffle_ps::<0xEE>(a1, a3),
+        );
+        let (b4, b5, b6, b7) = (
+            _mm256_shuffle_ps::<0x44>(a4, a6),
+            _mm256_shuffle_ps::<0xEE>(a4, a6),
+            _mm256_shuffle_ps::<0x44>(a5, a7),
+            _mm256_shuffle_ps::<0xEE>(a5, a7),
+        );
+        let cols = [
+            _mm256_permute2f128_ps::<0x20>(b0, b4),
+            _mm256_permute2f128_ps::<0x20>(b1, b5),
+            _mm256_permute2f128_ps::<0x20>(b2, b6),
+            _mm256_permute2f128_ps::<0x20>(b3, b7),
+            _mm256_permute2f128_ps::<0x31>(b0, b4),
+            _mm256_permute2f128_ps::<0x31>(b1, b5),
+            _mm256_permute2f128_ps::<0x31>(b2, b6),
+            _mm256_permute2f128_ps::<0x31>(b3, b7),
+        ];
+        for (j, c) in cols.into_iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add((j0 + j) * stride + r0), c);
+        }
+    }
 }
 
 /// Positions per parallel block of [`score_max_rows`].
@@ -330,15 +440,26 @@ pub fn score_max_rows(
         .map(|blk| {
             let (start, end) = (blk * SCORE_BLOCK, ((blk + 1) * SCORE_BLOCK).min(p));
             let mut best = vec![f32::NEG_INFINITY; end - start];
-            let mut row = vec![0f32; d];
+            // Keys a decode tile at a time through a `KeyTile`: each logit
+            // is `dot4(q, key) * scale` bit for bit, eight keys per vector.
+            let mut rows = vec![0f32; DECODE_TILE * d];
+            let mut keys = KeyTile::default();
+            let mut logits = [0f32; DECODE_TILE];
             for kh in 0..kv_h {
-                for (slot, j) in best.iter_mut().zip(start..end) {
-                    kr.load(0, kh, j, &mut row);
+                for t0 in (start..end).step_by(DECODE_TILE) {
+                    let len = DECODE_TILE.min(end - t0);
+                    for r in 0..len {
+                        kr.load(0, kh, t0 + r, &mut rows[r * d..(r + 1) * d]);
+                    }
+                    keys.fill(&rows, len, d);
+                    let slots = &mut best[t0 - start..t0 - start + len];
                     for gi in 0..g {
                         let hq = kh * g + gi;
-                        let s = dot4(&qv[hq * d..(hq + 1) * d], &row) * scale;
-                        if s > *slot {
-                            *slot = s;
+                        keys.logits(&qv[hq * d..(hq + 1) * d], scale, &mut logits);
+                        for (slot, &s) in slots.iter_mut().zip(&logits[..len]) {
+                            if s > *slot {
+                                *slot = s;
+                            }
                         }
                     }
                 }
@@ -462,8 +583,23 @@ impl KeyTile {
         if cfg!(target_feature = "avx") {
             let stride = len.div_ceil(8) * 8;
             self.stride = stride;
+            if len != stride {
+                // The padding lanes read as zeros.
+                self.data.clear();
+            }
             self.data.resize(d * stride, 0.0);
-            for (r, row) in rows.chunks_exact(d).enumerate() {
+            let mut done = 0;
+            #[cfg(target_feature = "avx")]
+            if d % 8 == 0 {
+                // Whole groups of eight keys, eight dimensions at a time.
+                done = len / 8 * 8;
+                for r0 in (0..done).step_by(8) {
+                    for j0 in (0..d).step_by(8) {
+                        transpose8(rows, d, r0, j0, &mut self.data, stride);
+                    }
+                }
+            }
+            for (r, row) in rows.chunks_exact(d).enumerate().skip(done) {
                 for (j, &x) in row.iter().enumerate() {
                     self.data[j * stride + r] = x;
                 }
@@ -606,11 +742,75 @@ mod key_tile_tests {
     /// Every key's logit from a [`KeyTile`] equals `dot4(q, key) * scale`
     /// bit for bit: tiles of 1 to 20 keys (padding lanes included), head
     /// dimensions with and without a remainder after the groups of four.
+    /// A row read from f16 or bf16 storage equals each value's own
+    /// `to_f32`, NaNs and infinities included.
+    #[test]
+    fn row_loads_convert_as_to_f32() {
+        let bits: Vec<u16> = (0..=u16::MAX)
+            .step_by(7)
+            .chain([0x7F80, 0xFF80, 0x7FC1, 0x7F81, 0xFFFF])
+            .collect();
+        let d = bits.len();
+        let bf: Vec<half::bf16> = bits.iter().map(|&b| half::bf16::from_bits(b)).collect();
+        let hf: Vec<half::f16> = bits.iter().map(|&b| half::f16::from_bits(b)).collect();
+        for (data, want) in [
+            (
+                RowData::BF16(&bf),
+                bf.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>(),
+            ),
+            (
+                RowData::F16(&hf),
+                hf.iter().map(|v| v.to_f32().to_bits()).collect(),
+            ),
+        ] {
+            let view = RowView {
+                data,
+                offset: 0,
+                strides: [0, 0, 0],
+                d,
+            };
+            let mut out = vec![0f32; d];
+            view.load(0, 0, 0, &mut out);
+            let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want);
+        }
+    }
+
+    /// Selection scores equal `max over the group's heads of dot4(q, key) *
+    /// scale` per key bit for bit (the scalar form they replaced), over
+    /// blocks and tiles with remainders.
+    #[test]
+    fn score_max_rows_equals_the_per_key_form_bit_for_bit() {
+        let (kv_h, g, d) = (3, 3, 64);
+        for p in [1usize, 15, 16, 17, 300, 530] {
+            let keys: Vec<f32> = crate::testing::rand_vec(kv_h * p * d, p as u64);
+            let q = crate::testing::rand_vec(kv_h * g * d, p as u64 + 1);
+            let view = RowView {
+                data: RowData::F32(&keys),
+                offset: 0,
+                strides: [0, p * d, d],
+                d,
+            };
+            let got = score_max_rows(&q, &view, kv_h * g, kv_h, p, d, 0.125);
+            for (j, s) in got.iter().enumerate() {
+                let mut want = f32::NEG_INFINITY;
+                for kh in 0..kv_h {
+                    let key = &keys[(kh * p + j) * d..(kh * p + j + 1) * d];
+                    for gi in 0..g {
+                        let hq = kh * g + gi;
+                        want = want.max(dot4(&q[hq * d..(hq + 1) * d], key) * 0.125);
+                    }
+                }
+                assert_eq!(s.to_bits(), want.to_bits(), "{p} keys, key {j}");
+            }
+        }
+    }
+
     #[test]
     fn key_tile_logits_equal_dot4_bit_for_bit() {
         let mut tile = KeyTile::default();
-        for &d in &[64usize, 7, 3, 128] {
-            for len in 1..=20 {
+        for &d in &[64usize, 7, 3, 128, 24] {
+            for len in (1..=20).chain((1..=20).rev()) {
                 let rows = crate::testing::rand_vec(len * d, (d * 100 + len) as u64);
                 let mut q = crate::testing::rand_vec(d, d as u64 + 7);
                 q.iter_mut().step_by(5).for_each(|x| *x *= 300.0);

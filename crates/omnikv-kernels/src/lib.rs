@@ -7,7 +7,7 @@
 //! |---|---|
 //! | [`ops`] | `score_max`, `top_k`, `gather_rows`, `indexed_decode`: the ops a backend calls on any device |
 //! | [`cpu`] | their CPU passes (the references the CUDA kernels are written against) and the shared decode tiles |
-//! | [`quant`] | the Q4_1 decode product (bit for bit candle's, vectorised) the model's projections use on the CPU |
+//! | [`quant`] | the Q4_1 and Q8_0 decode products (bit for bit candle's, vectorised) the model's projections and output matrix use on the CPU |
 //! | [`signatures`] | the one table of the CUDA entry points and their argument lists, checked against the `.cu` source |
 //! | `cuda` | the launches (`cuda` feature; PTX built by `build.rs` from `kernels/omnikv_decode.cu`) |
 //! | [`testing`] | deterministic inputs and comparisons for the ops' tests (here and in the backend) |

@@ -9,6 +9,8 @@
 //! generic loop's order, so its result equals
 //! candle's `QMatMul::forward` bit for bit: the model's outputs, and every
 //! parity test written against the stock path, do not change.
+//! [`q8_0_matmul`] is candle's AVX2 Q8_0 product (SmolLM2's output matrix,
+//! 30 MB read per decode step), again bit for bit, in a few large tasks.
 //!
 //! Block formats (ggml, as in candle's `k_quants`): a Q4_1 block is
 //! `d: f16, m: f16, qs: [u8; 16]` (value `j` is `d * q_j + m`, `q_j` the low
@@ -16,7 +18,7 @@
 //! activation is quantized by candle's own `BlockQ8_1::from_float`
 //! (`d: f16, s: f16, qs: [i8; 32]`, `s = d * sum(qs)`), 36 bytes.
 
-use candle_core::quantized::k_quants::{BlockQ8_1, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ8_0, BlockQ8_1, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use half::f16;
@@ -29,12 +31,22 @@ const Q4_1_BYTES: usize = 20;
 /// Bytes per Q8_1 block.
 const Q8_1_BYTES: usize = 36;
 const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == Q8_1_BYTES);
+/// Bytes per Q8_0 block (`d: f16, qs: [i8; 32]`).
+const Q8_0_BYTES: usize = 34;
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == Q8_0_BYTES);
 
 /// Whether [`q4_1_matmul`] computes `x` times `w`: Q4_1 weights in CPU
 /// memory with rows a whole number of blocks long, and an f32 `x` on the
 /// CPU whose last dimension is the weights' row length.
 pub fn q4_1_applies(w: &QTensor, x: &Tensor) -> bool {
-    w.dtype() == GgmlDType::Q4_1
+    cpu_product_applies(w, x, GgmlDType::Q4_1)
+}
+
+/// `w` holds `dtype` weights in CPU memory with rows a whole number of
+/// 32-element blocks long, and `x` is an f32 CPU tensor of rank >= 2 whose
+/// last dimension is the weights' row length.
+fn cpu_product_applies(w: &QTensor, x: &Tensor, dtype: GgmlDType) -> bool {
+    w.dtype() == dtype
         && matches!(w.device(), Device::Cpu)
         && matches!(x.device(), Device::Cpu)
         && x.dtype() == DType::F32
@@ -55,30 +67,56 @@ pub fn q4_1_applies(w: &QTensor, x: &Tensor) -> bool {
 /// If [`q4_1_applies`] is false for `w` and `x`, or candle cannot read
 /// either tensor.
 pub fn q4_1_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
-    if !q4_1_applies(w, x) {
-        candle_core::bail!(
-            "q4_1_matmul: needs Q4_1 CPU weights (n, k) with k a multiple of {QK} and an f32 CPU input (.., k); got {:?} {:?} and {:?} {:?}",
-            w.dtype(),
-            w.shape(),
-            x.dtype(),
-            x.shape()
-        )
+    let mut out = q4_1_matmul_many(&[w], x)?;
+    Ok(out.remove(0))
+}
+
+/// [`q4_1_matmul`] of one input with several weight matrices (the query,
+/// key and value projections of a layer; its gate and up projections):
+/// `x (.., k)` times each `ws[i] (n_i, k)` transposed, giving `(.., n_i)`
+/// each. The input is quantized once and every matrix's columns are split
+/// over rayon's pool in one go; each output equals [`q4_1_matmul`]'s, bit
+/// for bit.
+///
+/// # Errors
+/// If [`q4_1_applies`] is false for some matrix and `x`, or candle cannot
+/// read a tensor.
+pub fn q4_1_matmul_many(ws: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
+    let mut datas = Vec::with_capacity(ws.len());
+    let mut ends = Vec::with_capacity(ws.len());
+    let mut total = 0;
+    let k = x.dims().last().copied().unwrap_or(0);
+    for w in ws {
+        if !q4_1_applies(w, x) {
+            candle_core::bail!(
+                "q4_1_matmul: needs Q4_1 CPU weights (n, k) with k a multiple of {QK} and an f32 CPU input (.., k); got {:?} {:?} and {:?} {:?}",
+                w.dtype(),
+                w.shape(),
+                x.dtype(),
+                x.shape()
+            )
+        }
+        let (n, _) = w.shape().dims2()?;
+        let data = w.data()?;
+        if data.len() != n * (k / QK) * Q4_1_BYTES {
+            candle_core::bail!(
+                "q4_1_matmul: {} bytes of weights for ({n}, {k}), expected {}",
+                data.len(),
+                n * (k / QK) * Q4_1_BYTES
+            )
+        }
+        datas.push(data);
+        total += n;
+        ends.push(total);
     }
-    let (n, k) = w.shape().dims2()?;
-    let data = w.data()?;
     let blocks = k / QK;
-    if data.len() != n * blocks * Q4_1_BYTES {
-        candle_core::bail!(
-            "q4_1_matmul: {} bytes of weights for ({n}, {k}), expected {}",
-            data.len(),
-            n * blocks * Q4_1_BYTES
-        )
-    }
-    let mut out_dims = x.dims().to_vec();
-    let m = x.elem_count() / k;
+    let m = x.elem_count() / k.max(1);
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let mut ys = vec![BlockQ8_1::zeros(); m * blocks];
-    for (row, y) in xs.chunks_exact(k).zip(ys.chunks_exact_mut(blocks)) {
+    for (row, y) in xs
+        .chunks_exact(k.max(1))
+        .zip(ys.chunks_exact_mut(blocks.max(1)))
+    {
         BlockQ8_1::from_float(row, y);
     }
     // SAFETY: `BlockQ8_1` is `#[repr(C)]` with fields `f16, f16, [i8; 32]`
@@ -88,16 +126,48 @@ pub fn q4_1_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
     let ys: &[u8] =
         unsafe { std::slice::from_raw_parts(ys.as_ptr().cast::<u8>(), ys.len() * Q8_1_BYTES) };
     let activations: Vec<Activation<'_>> = ys
-        .chunks_exact(blocks * Q8_1_BYTES)
+        .chunks_exact((blocks * Q8_1_BYTES).max(1))
         .map(Activation::new)
         .collect();
 
+    let row_bytes = blocks * Q4_1_BYTES;
+    let dst = split_columns(m, total, |r, first, out| {
+        let act = &activations[r];
+        for (j, o) in out.iter_mut().enumerate() {
+            let col = first + j;
+            // The matrix this column belongs to, and its row there.
+            let wi = ends.partition_point(|&e| e <= col);
+            let row = col - if wi == 0 { 0 } else { ends[wi - 1] };
+            *o = act.dot(&datas[wi][row * row_bytes..(row + 1) * row_bytes]);
+        }
+    });
+    let mut outs = Vec::with_capacity(ws.len());
+    let mut start = 0;
+    for &end in &ends {
+        let mut y = Vec::with_capacity(m * (end - start));
+        for r in 0..m {
+            y.extend_from_slice(&dst[r * total + start..r * total + end]);
+        }
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = end - start;
+        }
+        outs.push(Tensor::from_vec(y, dims, &Device::Cpu)?);
+        start = end;
+    }
+    Ok(outs)
+}
+
+/// The `(m, n)` output of a product, its columns split into a few large
+/// tasks on rayon's pool: `task(row, first_column, out)` fills `out`, the
+/// columns `first_column..` of output row `row`. A decode step runs ~200
+/// products, and each rayon hand-off costs more than a short dot product,
+/// so there are about two tasks per thread and row.
+fn split_columns(m: usize, n: usize, task: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut dst = vec![0f32; m * n];
-    // Few large tasks: a decode step runs ~200 of these products, and each
-    // rayon hand-off costs more than a short dot product.
     let chunk = n.div_ceil(2 * rayon::current_num_threads().max(1)).max(32);
     let tasks: Vec<(usize, usize, &mut [f32])> = dst
-        .chunks_mut(n)
+        .chunks_mut(n.max(1))
         .enumerate()
         .flat_map(|(r, row)| {
             row.chunks_mut(chunk)
@@ -105,18 +175,128 @@ pub fn q4_1_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
                 .map(move |(c, out)| (r, c * chunk, out))
         })
         .collect();
-    tasks.into_par_iter().for_each(|(r, first, out)| {
-        let act = &activations[r];
-        let row_bytes = blocks * Q4_1_BYTES;
-        for (j, o) in out.iter_mut().enumerate() {
-            let col = first + j;
-            *o = act.dot(&data[col * row_bytes..(col + 1) * row_bytes]);
-        }
+    tasks
+        .into_par_iter()
+        .for_each(|(r, first, out)| task(r, first, out));
+    dst
+}
+
+/// Whether [`q8_0_matmul`] computes `x` times `w`: Q8_0 weights in CPU
+/// memory with rows a whole number of blocks long, and an f32 `x` on the
+/// CPU whose last dimension is the weights' row length, in a build that
+/// targets AVX2 (the kernel it reproduces is candle's AVX2 one).
+pub fn q8_0_applies(w: &QTensor, x: &Tensor) -> bool {
+    cfg!(target_feature = "avx2") && cpu_product_applies(w, x, GgmlDType::Q8_0)
+}
+
+/// `x (.., k)` times the transpose of the Q8_0 weights `w (n, k)`, giving
+/// `(.., n)`: the same arithmetic as candle's `QMatMul::forward` on an AVX2
+/// CPU (ggml's `ggml_vec_dot_q8_0_q8_0`: per row, one fused multiply-add
+/// of each block's integer products into an 8-lane accumulator, block after
+/// block, then candle's horizontal sum), so the result is equal bit for bit.
+/// The weight rows are read in one linear stream per task, and the columns
+/// are split over rayon's pool in a few large tasks where candle's loop
+/// hands out tasks of at most 512 columns; the activation's scales are
+/// converted once. SmolLM2's output matrix is Q8_0
+/// (`results/peers-profile.md` has its timing, and why four rows
+/// interleaved were slower).
+///
+/// # Errors
+/// If [`q8_0_applies`] is false for `w` and `x`, or candle cannot read
+/// either tensor.
+pub fn q8_0_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
+    if !q8_0_applies(w, x) {
+        candle_core::bail!(
+            "q8_0_matmul: needs an AVX2 build, Q8_0 CPU weights (n, k) with k a multiple of {QK} and an f32 CPU input (.., k); got {:?} {:?} and {:?} {:?}",
+            w.dtype(),
+            w.shape(),
+            x.dtype(),
+            x.shape()
+        )
+    }
+    let (n, k) = w.shape().dims2()?;
+    let data = w.data()?;
+    let blocks = k / QK;
+    let row_bytes = blocks * Q8_0_BYTES;
+    if data.len() != n * row_bytes {
+        candle_core::bail!(
+            "q8_0_matmul: {} bytes of weights for ({n}, {k}), expected {}",
+            data.len(),
+            n * row_bytes
+        )
+    }
+    let mut out_dims = x.dims().to_vec();
+    let m = x.elem_count() / k;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut ys = vec![BlockQ8_0::zeros(); m * blocks];
+    for (row, y) in xs.chunks_exact(k).zip(ys.chunks_exact_mut(blocks)) {
+        BlockQ8_0::from_float(row, y);
+    }
+    // SAFETY: `BlockQ8_0` is `#[repr(C)]` with fields `f16, [i8; 32]`
+    // (candle asserts its size is 34, and so does this module), so the
+    // vector's memory is `m * blocks * 34` initialised bytes with no
+    // padding; the byte slice borrows `ys`, which outlives it.
+    let ys: &[u8] =
+        unsafe { std::slice::from_raw_parts(ys.as_ptr().cast::<u8>(), ys.len() * Q8_0_BYTES) };
+    let dst = split_columns(m, n, |r, first, out| {
+        let act = &ys[r * row_bytes..(r + 1) * row_bytes];
+        let rows = &data[first * row_bytes..(first + out.len()) * row_bytes];
+        q8_0_rows(rows, act, blocks, out);
     });
     if let Some(last) = out_dims.last_mut() {
         *last = n;
     }
     Tensor::from_vec(dst, out_dims, &Device::Cpu)
+}
+
+/// `out[i]` = weight row `i` of `rows` (`out.len()` rows of `blocks` Q8_0
+/// blocks) dotted with the Q8_0 activation `act`, as candle's AVX2
+/// `vec_dot_q8_0_q8_0`.
+#[cfg(target_feature = "avx2")]
+fn q8_0_rows(rows: &[u8], act: &[u8], blocks: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let row_bytes = blocks * Q8_0_BYTES;
+    assert!(rows.len() >= out.len() * row_bytes && act.len() >= row_bytes);
+    let scale = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let dy: Vec<f32> = act.chunks_exact(Q8_0_BYTES).map(scale).collect();
+    // SAFETY: the build targets AVX2 (this function exists only under it);
+    // the assert above keeps every 32-byte load at `2 + Q8_0_BYTES * b`
+    // within a row of `rows` (row `i < out.len()`, block `b < blocks`) and
+    // within `act`.
+    unsafe {
+        // candle's `mul_sum_i8_pairs_float`: |x| times sign(x) * y, pairs
+        // of u8 x i8 into i16 (at most 2 * 128 * 127: no saturation), then
+        // pairs of i16 into i32, as f32.
+        let block = |w: *const u8, y: __m256i| {
+            let x = _mm256_loadu_si256(w.cast::<__m256i>());
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), pairs))
+        };
+        // candle's `hsum_float_8`.
+        let hsum = |x: __m256| {
+            let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
+            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+        };
+        let w = rows.as_ptr();
+        let y = act.as_ptr();
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..blocks {
+                let yb = _mm256_loadu_si256(y.add(b * Q8_0_BYTES + 2).cast::<__m256i>());
+                let wb = w.add(r * row_bytes + b * Q8_0_BYTES);
+                let d = _mm256_set1_ps(scale(std::slice::from_raw_parts(wb, 2)) * dy[b]);
+                acc = _mm256_fmadd_ps(d, block(wb.add(2), yb), acc);
+            }
+            *o = hsum(acc);
+        }
+    }
+}
+
+/// Never called: [`q8_0_applies`] is false without AVX2.
+#[cfg(not(target_feature = "avx2"))]
+fn q8_0_rows(_rows: &[u8], _act: &[u8], _blocks: usize, _out: &mut [f32]) {
+    unreachable!("q8_0_matmul needs an AVX2 build")
 }
 
 /// One activation row in Q8_1, its per-block scales converted once.
@@ -345,6 +525,7 @@ mod tests {
             (1, 192, 576),
             (1, 576, 1536),
             (1, 1536, 576),
+            (2, 40, 416),
             (3, 193, 64),
             (2, 1, 32),
             (5, 77, 96),
@@ -358,6 +539,78 @@ mod tests {
             let x = Tensor::from_vec(xv, (1, m, k), &Device::Cpu)?;
             assert!(q4_1_applies(&q, &x));
             let ours = q4_1_matmul(&q, &x)?;
+            let theirs = QMatMul::from_qtensor(q)?.forward(&x)?;
+            assert_eq!(ours.dims(), theirs.dims(), "{m}x{n}x{k}");
+            let (a, b) = (
+                ours.flatten_all()?.to_vec1::<f32>()?,
+                theirs.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{m}x{n}x{k}: differs from candle's product");
+        }
+        Ok(())
+    }
+
+    /// Several matrices in one call give each one's own product, bit for
+    /// bit, including rows split across the tasks' boundaries.
+    #[test]
+    fn the_fused_products_equal_the_single_ones() -> Result<()> {
+        let k = 576;
+        let ws: Vec<QTensor> = [576usize, 192, 193]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let w = Tensor::from_vec(
+                    crate::testing::rand_vec(n * k, 50 + i as u64),
+                    (n, k),
+                    &Device::Cpu,
+                )?;
+                QTensor::quantize(&w, GgmlDType::Q4_1)
+            })
+            .collect::<Result<_>>()?;
+        let x = Tensor::from_vec(crate::testing::rand_vec(2 * k, 60), (1, 2, k), &Device::Cpu)?;
+        let refs: Vec<&QTensor> = ws.iter().collect();
+        let fused = q4_1_matmul_many(&refs, &x)?;
+        for (w, got) in ws.iter().zip(&fused) {
+            let want = q4_1_matmul(w, &x)?;
+            assert_eq!(got.dims(), want.dims());
+            let (a, b) = (
+                got.flatten_all()?.to_vec1::<f32>()?,
+                want.flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+        Ok(())
+    }
+
+    /// The Q8_0 product against candle's `QMatMul::forward`: equal bit for
+    /// bit, for row counts that do not divide into the task size, several
+    /// activation rows, and SmolLM2's output-matrix width.
+    #[test]
+    fn the_q8_0_product_equals_candles_bit_for_bit() -> Result<()> {
+        use candle_core::quantized::QMatMul;
+        use candle_core::Module;
+        if !cfg!(target_feature = "avx2") {
+            return Ok(());
+        }
+        for (i, &(m, n, k)) in [
+            (1, 4099, 576),
+            (1, 576, 1536),
+            (3, 37, 64),
+            (2, 5, 32),
+            (4, 3, 96),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 31 + i as u64;
+            let w = Tensor::from_vec(crate::testing::rand_vec(n * k, seed), (n, k), &Device::Cpu)?;
+            let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+            let mut xv = crate::testing::rand_vec(m * k, seed + 100);
+            xv.iter_mut().step_by(5).for_each(|v| *v *= 30.0);
+            let x = Tensor::from_vec(xv, (m, k), &Device::Cpu)?;
+            assert!(q8_0_applies(&q, &x));
+            let ours = q8_0_matmul(&q, &x)?;
             let theirs = QMatMul::from_qtensor(q)?.forward(&x)?;
             assert_eq!(ours.dims(), theirs.dims(), "{m}x{n}x{k}");
             let (a, b) = (
@@ -384,6 +637,9 @@ mod tests {
         ));
         let err = q4_1_matmul(&q8, &x).unwrap_err().to_string();
         assert!(err.contains("needs Q4_1"), "{err}");
+        assert!(!q8_0_applies(&q41, &x));
+        let err = q8_0_matmul(&q41, &x).unwrap_err().to_string();
+        assert!(err.contains("Q8_0 CPU weights"), "{err}");
         Ok(())
     }
 }

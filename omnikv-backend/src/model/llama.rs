@@ -20,8 +20,8 @@ use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use mistralrs_core::kv_backend::{
-    AttentionInput, EitherCache, ForwardInfo, ForwardState, KvCache, KvCacheBackend, NormalCache,
-    SdpaParams,
+    AttentionInput, EitherCache, ForwardContext, ForwardInfo, ForwardState, KvCache,
+    KvCacheBackend, NormalCache, SdpaParams,
 };
 use omnikv_kernels::quant;
 use serde::Deserialize;
@@ -267,7 +267,34 @@ fn project(m: &QMatMul, x: &Tensor) -> Result<Tensor> {
         // candle's own Q4_1 product is its generic loop; this one is the
         // same arithmetic, bit for bit, vectorised.
         QMatMul::QTensor(w) if quant::q4_1_applies(w, x) => quant::q4_1_matmul(w, x),
+        // candle's Q8_0 product (SmolLM2's output matrix), bit for bit, four
+        // rows at a time in fewer tasks.
+        QMatMul::QTensor(w) if quant::q8_0_applies(w, x) => quant::q8_0_matmul(w, x),
         _ => m.forward(x),
+    }
+}
+
+/// Each projection of `linears` applied to the same `x`: one fused Q4_1
+/// product when every one is a decode-step Q4_1 product on the CPU (the
+/// input quantized once, one hand-off to the pool instead of one per
+/// matrix), otherwise one [`Linear::forward`] each. Same results either way.
+fn project_all(linears: &[&Linear], x: &Tensor, prompt_pass: bool) -> Result<Vec<Tensor>> {
+    let fused: Option<Vec<&candle_core::quantized::QTensor>> = linears
+        .iter()
+        .map(|l| match &l.weights {
+            QMatMul::QTensor(w)
+                if l.reduce.is_none()
+                    && !(prompt_pass && l.prefill_f32.is_some())
+                    && quant::q4_1_applies(w, x) =>
+            {
+                Some(w.as_ref())
+            }
+            _ => None,
+        })
+        .collect();
+    match fused {
+        Some(ws) if ws.len() > 1 => quant::q4_1_matmul_many(&ws, x),
+        _ => linears.iter().map(|l| l.forward(x, prompt_pass)).collect(),
     }
 }
 
@@ -316,9 +343,15 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         let dtype = self.attn_dtype;
         let pp = ctx.prompt_pass;
-        let q = self.q_proj.forward(x, pp)?.to_dtype(dtype)?;
-        let k = self.k_proj.forward(x, pp)?.to_dtype(dtype)?;
-        let v = self.v_proj.forward(x, pp)?.to_dtype(dtype)?;
+        let [q, k, v]: [Tensor; 3] =
+            project_all(&[&self.q_proj, &self.k_proj, &self.v_proj], x, pp)?
+                .try_into()
+                .map_err(|_| {
+                    candle_core::Error::Msg("q/k/v projections: expected three outputs".into())
+                })?;
+        let q = q.to_dtype(dtype)?;
+        let k = k.to_dtype(dtype)?;
+        let v = v.to_dtype(dtype)?;
         let q = q
             .reshape((b, s, self.num_heads, self.head_dim))?
             .transpose(1, 2)?;
@@ -362,8 +395,13 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, prompt_pass: bool) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, prompt_pass)?.silu()?;
-        let up = self.up_proj.forward(x, prompt_pass)?;
+        let [gate, up]: [Tensor; 2] =
+            project_all(&[&self.gate_proj, &self.up_proj], x, prompt_pass)?
+                .try_into()
+                .map_err(|_| {
+                    candle_core::Error::Msg("gate/up projections: expected two outputs".into())
+                })?;
+        let gate = gate.silu()?;
         self.down_proj.forward(&(gate * up)?, prompt_pass)
     }
 }
@@ -916,6 +954,33 @@ impl LlamaOmniKv {
     /// If the cache's lock was poisoned by a panic during an earlier pass
     /// (the host's `EitherCache::normal` unwraps it).
     pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        offsets: &[usize],
+        context_lens: Vec<(usize, usize)>,
+    ) -> Result<Tensor> {
+        if rayon::current_thread_index().is_some() {
+            return self.forward_here(input_ids, offsets, context_lens);
+        }
+        // The pass runs on a worker of rayon's global pool, the pool every
+        // product and attention kernel of the pass splits its work over: the
+        // caller (the host's engine thread) sleeps until it is done, instead
+        // of handing each of the ~250 parallel loops of a decode step to the
+        // pool and competing for the cores with the workers that spin between
+        // them (`results/peers-profile.md`). Same arithmetic, same results.
+        //
+        // The host's per-pass context (prompt lengths, request options,
+        // sequence ids) is set on the worker exactly as the caller had it,
+        // absent values included: a worker waiting inside another pass can
+        // pick this pass up, and must not lend it that pass's context.
+        let context = ForwardContext::current();
+        rayon::scope(|_| {
+            let _context = context.enter();
+            self.forward_here(input_ids, offsets, context_lens)
+        })
+    }
+
+    fn forward_here(
         &self,
         input_ids: &Tensor,
         offsets: &[usize],

@@ -121,10 +121,12 @@ impl Drop for Step {
         let (total, per_seq) = self.store.figures();
         self.stats.after_pass(&total, &per_seq);
         if self.sparse {
-            crate::telemetry::record_pass_times(
-                self.selected.then_some(self.selection_time.as_secs_f64()),
-                self.started.elapsed().as_secs_f64(),
-            );
+            let step_secs = self.started.elapsed().as_secs_f64();
+            let selection_secs = self.selection_time.as_secs_f64();
+            crate::telemetry::record_pass_times(self.selected.then_some(selection_secs), step_secs);
+            if let Some(ids) = &self.seq_ids {
+                self.stats.pass_times(ids, selection_secs, step_secs);
+            }
         }
     }
 }

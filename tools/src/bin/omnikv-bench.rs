@@ -27,7 +27,8 @@ const USAGE: &str = "usage: omnikv-bench [options]
   --decode-tokens N     max_tokens per request (default 64)
   --variants LIST       as omnikv-eval (default default,omnikv@0.1)
   --config FILE         base OmniKV config (default configs/smollm2-135m.json)
-  --out FILE            Markdown report (default results/perf.md; plot next to it)";
+  --out FILE            Markdown report (default target/omnikv-bench.md; plot next to it;
+                        results/peers.md is the committed speed report)";
 
 /// About `tokens` tokens of records with one question; `salt` makes every
 /// request's text different.
@@ -53,7 +54,7 @@ fn main() -> Result<()> {
     let mut decode_tokens = 64usize;
     let mut variants = "default,omnikv@0.1".to_string();
     let mut config = root().join("configs/smollm2-135m.json");
-    let mut out = root().join("results/perf.md");
+    let mut out = root().join("target/omnikv-bench.md");
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {

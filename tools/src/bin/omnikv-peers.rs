@@ -328,6 +328,9 @@ struct Cell {
     decode: Vec<f64>,
     /// Bytes one decode step reads (mean over the request's steps).
     step_bytes: Vec<f64>,
+    /// Share of the decode passes spent scoring and selecting (OmniKV,
+    /// from the request's `usage.kv_cache_stats`).
+    selection_share: Vec<f64>,
 }
 
 fn main() -> Result<()> {
@@ -361,6 +364,7 @@ fn main() -> Result<()> {
     let mut tokens = vec![0usize; nd];
     let mut ours_prefill = vec![Vec::new(); nd];
     let mut llama_prefill = vec![Vec::new(); nd];
+    let mut stock_prefill = vec![Vec::new(); nd];
     let per_repeat: usize = args
         .depths
         .iter()
@@ -433,6 +437,7 @@ fn main() -> Result<()> {
                     .filter(|&m| methods[m] != Method::Stock || depth <= args.stock_max_depth)
                     .collect();
                 let k = ours.len();
+                let mut prefilled = false;
                 for j in 0..k {
                     let mi = ours[(j + r) % k];
                     let m = methods[mi];
@@ -474,8 +479,12 @@ fn main() -> Result<()> {
                     tokens[di] = prompt_tokens;
                     // The first request on this prompt paid its prefill;
                     // the stock server always does (its own cache).
-                    if j == 0 && m != Method::Stock {
+                    if !prefilled && m != Method::Stock {
                         ours_prefill[di].push(pt);
+                        prefilled = true;
+                    }
+                    if m == Method::Stock && args.prefill.contains(&depth) {
+                        stock_prefill[di].push(pt);
                     }
                     if gen < args.decode_tokens as f64 / 2.0 {
                         eprintln!(
@@ -491,6 +500,12 @@ fn main() -> Result<()> {
                             let s = &u["kv_cache_stats"];
                             let steps = s["decode_steps"].as_f64().unwrap_or(0.0);
                             let frac = s["mean_selected_fraction"].as_f64().unwrap_or(1.0);
+                            let secs = s["decode_seconds"].as_f64().unwrap_or(0.0);
+                            if secs > 0.0 {
+                                cells[di][mi]
+                                    .selection_share
+                                    .push(s["selection_seconds"].as_f64().unwrap_or(0.0) / secs);
+                            }
                             if steps > 0.0 {
                                 dense as f64 * (n + g)
                                     + (shape.layers - dense) as f64 * (frac * n + g)
@@ -518,7 +533,7 @@ fn main() -> Result<()> {
         "# This project against llama.cpp on the same CPU\n\n\
 Machine: {}. Model: SmolLM2-135M-Instruct Q4_1 GGUF ({:.1} MB of weights), {} threads on both sides.\n\n\
 - llama.cpp: `llama-bench` built by `scripts/build-llama-cpp.sh` (the sources of the `llama-cpp-python` sdist pinned there, Release, `GGML_NATIVE`), flash attention on, `-r 1` per measurement; decode is `-p 0 -n {} -d N` (the context filled with N tokens first, untimed), prefill `-p N -n 0 --no-warmup`.\n\
-- This project: the real server (`mistralrs serve --kv-cache omnikv --kv-cache-config {}`, prefix cache on), one greedy chat request of `max_tokens` {} per variant on the same fresh prompt (`\"kv_cache\": {{\"enabled\": false}}` for full attention, `{{\"budget\": b}}` for OmniKV); decode speed is the server's completion tokens over completion time; the prefill is the first request's prompt time on that prompt (the other variants hit the prefix cache; every variant's prompt pass runs the same kernels). The stock cache is `--kv-cache default` on its own server.\n\
+- This project: the real server (`mistralrs serve --kv-cache omnikv --kv-cache-config {}`, prefix cache on), one greedy chat request of `max_tokens` {} per variant on the same fresh prompt (`\"kv_cache\": {{\"enabled\": false}}` for full attention, `{{\"budget\": b}}` for OmniKV); decode speed is the server's completion tokens over completion time; the prefill is the first request's prompt time on that prompt (every variant's prompt pass runs the same kernels). The stock cache is `--kv-cache default` on its own server, up to `--stock-max-depth`; its request's prompt time is its prefill figure.\n\
 - N is the server's prompt token count (chat template included) for the depth asked.\n\
 - Medians of {} alternating repeats. Bound: the machine's read bandwidth ({:.1} GB/s, best of 5 passes of {} threads over 512 MiB, before and after the run: {:.1} and {:.1} GB/s) over the bytes one decode step must read: the weights plus the f16 KV rows attended ({} dense layers of {} for OmniKV, the rest reading the selection, whose size comes from the request's `usage.kv_cache_stats`, plus the generated rows).\n\n\
 Command: `target/debug/omnikv-peers {}`\n\n",
@@ -586,15 +601,50 @@ Command: `target/debug/omnikv-peers {}`\n\n",
         }
         md.push('\n');
     }
-    md.push_str("\n## Prefill (seconds)\n\n| prompt tokens | llama.cpp | this project | this project / llama.cpp (speed) |\n|---|---|---|---|\n");
+    let budgets: Vec<(usize, f64)> = methods
+        .iter()
+        .enumerate()
+        .filter_map(|(mi, m)| match m {
+            Method::OmniKv(b) => Some((mi, *b)),
+            _ => None,
+        })
+        .collect();
+    if !budgets.is_empty() {
+        md.push_str("\n## Selection's share of an OmniKV decode step\n\nScoring and top-k at the filter layers over the whole decode pass (`selection_seconds / decode_seconds` of the request's `usage.kv_cache_stats`); medians.\n\n| prompt tokens |");
+        for (_, b) in &budgets {
+            md.push_str(&format!(" OmniKV {b} |"));
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---|".repeat(budgets.len()));
+        md.push('\n');
+        for di in 0..nd {
+            md.push_str(&format!("| {} |", tokens[di]));
+            for &(mi, _) in &budgets {
+                let share = median(&mut cells[di][mi].selection_share.clone());
+                if share.is_nan() {
+                    md.push_str(" - |");
+                } else {
+                    md.push_str(&format!(" {:.1}% |", 100.0 * share));
+                }
+            }
+            md.push('\n');
+        }
+    }
+    md.push_str("\n## Prefill (seconds)\n\n| prompt tokens | llama.cpp | this project | stock mistral.rs | this project / llama.cpp (speed) | stock mistral.rs / llama.cpp (speed) |\n|---|---|---|---|---|---|\n");
     for (di, &depth) in args.depths.iter().enumerate() {
         if !args.prefill.contains(&depth) {
             continue;
         }
         let l = median(&mut llama_prefill[di].clone());
         let o = median(&mut ours_prefill[di].clone());
+        let st = median(&mut stock_prefill[di].clone());
+        let (st_s, st_r) = if st.is_nan() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (format!("{st:.1}"), format!("{:.2}x", l / st))
+        };
         md.push_str(&format!(
-            "| {} | {l:.1} | {o:.1} | {:.2}x |\n",
+            "| {} | {l:.1} | {o:.1} | {st_s} | {:.2}x | {st_r} |\n",
             tokens[di],
             l / o
         ));
@@ -610,7 +660,8 @@ Command: `target/debug/omnikv-peers {}`\n\n",
         "methods": methods.iter().map(|m| m.label()).collect::<Vec<_>>(),
         "decode_tok_s": cells.iter().map(|row| row.iter().map(|c| c.decode.clone()).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "step_bytes": cells.iter().map(|row| row.iter().map(|c| c.step_bytes.clone()).collect::<Vec<_>>()).collect::<Vec<_>>(),
-        "prefill_s": {"llama.cpp": llama_prefill, "this project": ours_prefill},
+        "prefill_s": {"llama.cpp": llama_prefill, "this project": ours_prefill, "stock mistral.rs": stock_prefill},
+        "selection_share": cells.iter().map(|row| row.iter().map(|c| c.selection_share.clone()).collect::<Vec<_>>()).collect::<Vec<_>>(),
     });
     std::fs::write(&samples, serde_json::to_string_pretty(&raw)?)?;
     let plot = args.out.with_extension("svg");
