@@ -493,6 +493,18 @@ fn block_sumi_avx2(x: &[u8], y: &[u8]) -> i32 {
 mod tests {
     use super::*;
 
+    /// `ours` has `theirs`' shape and every value's bits.
+    fn assert_same_bits(ours: &Tensor, theirs: &Tensor, label: &str) -> Result<()> {
+        assert_eq!(ours.dims(), theirs.dims(), "{label}");
+        let (a, b) = (
+            ours.flatten_all()?.to_vec1::<f32>()?,
+            theirs.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{label}: differs from candle's product");
+        Ok(())
+    }
+
     #[test]
     fn the_block_sum_equals_the_generic_loop() {
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -540,13 +552,7 @@ mod tests {
             assert!(q4_1_applies(&q, &x));
             let ours = q4_1_matmul(&q, &x)?;
             let theirs = QMatMul::from_qtensor(q)?.forward(&x)?;
-            assert_eq!(ours.dims(), theirs.dims(), "{m}x{n}x{k}");
-            let (a, b) = (
-                ours.flatten_all()?.to_vec1::<f32>()?,
-                theirs.flatten_all()?.to_vec1::<f32>()?,
-            );
-            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{m}x{n}x{k}: differs from candle's product");
+            assert_same_bits(&ours, &theirs, &format!("{m}x{n}x{k}"))?;
         }
         Ok(())
     }
@@ -612,13 +618,7 @@ mod tests {
             assert!(q8_0_applies(&q, &x));
             let ours = q8_0_matmul(&q, &x)?;
             let theirs = QMatMul::from_qtensor(q)?.forward(&x)?;
-            assert_eq!(ours.dims(), theirs.dims(), "{m}x{n}x{k}");
-            let (a, b) = (
-                ours.flatten_all()?.to_vec1::<f32>()?,
-                theirs.flatten_all()?.to_vec1::<f32>()?,
-            );
-            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{m}x{n}x{k}: differs from candle's product");
+            assert_same_bits(&ours, &theirs, &format!("{m}x{n}x{k}"))?;
         }
         Ok(())
     }
