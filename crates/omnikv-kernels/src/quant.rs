@@ -57,6 +57,42 @@ fn cpu_product_applies(w: &QTensor, x: &Tensor, dtype: GgmlDType) -> bool {
         }
 }
 
+/// The rows `(n, k)` and bytes of the `dtype` weights `w` for a product
+/// with `x`, after checking that `applies` holds and that the weights hold
+/// `block_bytes` per 32-element block; `what` names the product in errors.
+///
+/// # Errors
+/// If `applies` is false (the error says what the product needs: `needs`),
+/// or the weights' size does not match their shape.
+fn product_weights<'w>(
+    w: &'w QTensor,
+    x: &Tensor,
+    applies: bool,
+    what: &str,
+    needs: &str,
+    block_bytes: usize,
+) -> Result<(usize, usize, std::borrow::Cow<'w, [u8]>)> {
+    if !applies {
+        candle_core::bail!(
+            "{what}: needs {needs} weights (n, k) with k a multiple of {QK} and an f32 CPU input (.., k); got {:?} {:?} and {:?} {:?}",
+            w.dtype(),
+            w.shape(),
+            x.dtype(),
+            x.shape()
+        )
+    }
+    let (n, k) = w.shape().dims2()?;
+    let data = w.data()?;
+    if data.len() != n * (k / QK) * block_bytes {
+        candle_core::bail!(
+            "{what}: {} bytes of weights for ({n}, {k}), expected {}",
+            data.len(),
+            n * (k / QK) * block_bytes
+        )
+    }
+    Ok((n, k, data))
+}
+
 /// `x (.., k)` times the transpose of the Q4_1 weights `w (n, k)`, giving
 /// `(.., n)` in f32: equal bit for bit to candle's
 /// `QMatMul::from_qtensor(w)?.forward(x)` on the CPU (ggml's
@@ -87,24 +123,14 @@ pub fn q4_1_matmul_many(ws: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
     let mut total = 0;
     let k = x.dims().last().copied().unwrap_or(0);
     for w in ws {
-        if !q4_1_applies(w, x) {
-            candle_core::bail!(
-                "q4_1_matmul: needs Q4_1 CPU weights (n, k) with k a multiple of {QK} and an f32 CPU input (.., k); got {:?} {:?} and {:?} {:?}",
-                w.dtype(),
-                w.shape(),
-                x.dtype(),
-                x.shape()
-            )
-        }
-        let (n, _) = w.shape().dims2()?;
-        let data = w.data()?;
-        if data.len() != n * (k / QK) * Q4_1_BYTES {
-            candle_core::bail!(
-                "q4_1_matmul: {} bytes of weights for ({n}, {k}), expected {}",
-                data.len(),
-                n * (k / QK) * Q4_1_BYTES
-            )
-        }
+        let (n, _, data) = product_weights(
+            w,
+            x,
+            q4_1_applies(w, x),
+            "q4_1_matmul",
+            "Q4_1 CPU",
+            Q4_1_BYTES,
+        )?;
         datas.push(data);
         total += n;
         ends.push(total);
@@ -141,6 +167,13 @@ pub fn q4_1_matmul_many(ws: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
             *o = act.dot(&datas[wi][row * row_bytes..(row + 1) * row_bytes]);
         }
     });
+    if let [_] = ws {
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = total;
+        }
+        return Ok(vec![Tensor::from_vec(dst, dims, &Device::Cpu)?]);
+    }
     let mut outs = Vec::with_capacity(ws.len());
     let mut start = 0;
     for &end in &ends {
@@ -205,26 +238,16 @@ pub fn q8_0_applies(w: &QTensor, x: &Tensor) -> bool {
 /// If [`q8_0_applies`] is false for `w` and `x`, or candle cannot read
 /// either tensor.
 pub fn q8_0_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
-    if !q8_0_applies(w, x) {
-        candle_core::bail!(
-            "q8_0_matmul: needs an AVX2 build, Q8_0 CPU weights (n, k) with k a multiple of {QK} and an f32 CPU input (.., k); got {:?} {:?} and {:?} {:?}",
-            w.dtype(),
-            w.shape(),
-            x.dtype(),
-            x.shape()
-        )
-    }
-    let (n, k) = w.shape().dims2()?;
-    let data = w.data()?;
+    let (n, k, data) = product_weights(
+        w,
+        x,
+        q8_0_applies(w, x),
+        "q8_0_matmul",
+        "an AVX2 build and Q8_0 CPU",
+        Q8_0_BYTES,
+    )?;
     let blocks = k / QK;
     let row_bytes = blocks * Q8_0_BYTES;
-    if data.len() != n * row_bytes {
-        candle_core::bail!(
-            "q8_0_matmul: {} bytes of weights for ({n}, {k}), expected {}",
-            data.len(),
-            n * row_bytes
-        )
-    }
     let mut out_dims = x.dims().to_vec();
     let m = x.elem_count() / k;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
