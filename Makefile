@@ -47,12 +47,21 @@ eval: build
 
 ## Teacher-forced divergence from full attention, in process (writes
 ## results/fidelity-tf.md and its plots; resumable).
-DIVERGENCE_VARIANTS := full-exact-prefill,omnikv@0.05,omnikv@0.1,omnikv@0.2,h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32,omnikv@0.1:selector_cls=softmax_before_last,omnikv@0.1:do_select_layers=[3,6,19],omnikv@0.1:do_select_layers=[2,10,14,19],omnikv@0.1:num_wait_load_layers=2,omnikv@0.1:do_select_layers=[8,18],omnikv@0.1:do_select_layers=[18],omnikv@0.2:selection_mass=0.9,omnikv@0.5:selection_mass=0.95,omnikv@0.05:do_select_layers=[4,8,17,22]+num_wait_load_layers=0,omnikv@0.1:do_select_layers=[4,8,17,22]+num_wait_load_layers=0,omnikv@0.2:do_select_layers=[4,8,17,22]+num_wait_load_layers=0
-DIVERGENCE_ARGS ?= --lengths 1024,4096,7680 --docs 2,2,1 --steps 64 --exact-prefill-lengths 1024,4096 \
-  --config configs/smollm2-135m-published.json --variants "$(DIVERGENCE_VARIANTS)"
+CHOSEN := do_select_layers=[4,8,17,22]+num_wait_load_layers=0
+DIVERGENCE_VARIANTS := full-exact-prefill,omnikv@0.05,omnikv@0.1,omnikv@0.2,omnikv@0.05:$(CHOSEN),omnikv@0.1:$(CHOSEN),omnikv@0.2:$(CHOSEN),h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2,omnikv@0.1:selection_per_kv_head=true,omnikv@0.1:$(CHOSEN)+selection_per_kv_head=true,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32
+DIVERGENCE_DOCS ?= 8,8,8
+DIVERGENCE_ARGS ?= --lengths 1024,4096,7680 --docs $(DIVERGENCE_DOCS) --steps 64 --exact-prefill-lengths 1024 \
+  --config configs/smollm2-135m-published.json --paired "omnikv:$(CHOSEN)" --variants "$(DIVERGENCE_VARIANTS)"
+## The selection options and filter-layer sets of issue 15 at P = 1024
+## (writes results/fidelity-tf-options.md).
+OPTION_VARIANTS := omnikv@0.1,omnikv@0.1:$(CHOSEN),omnikv@0.1:selection_per_kv_head=true,omnikv@0.1:$(CHOSEN)+selection_per_kv_head=true,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32,omnikv@0.1:selector_cls=softmax_before_last,omnikv@0.1:do_select_layers=[3,6,19],omnikv@0.1:do_select_layers=[2,10,14,19],omnikv@0.1:num_wait_load_layers=2,omnikv@0.1:do_select_layers=[8,18],omnikv@0.1:do_select_layers=[18],omnikv@0.2:selection_mass=0.9,omnikv@0.5:selection_mass=0.95
+OPTIONS_ARGS ?= --lengths 1024 --docs 8 --steps 64 --config configs/smollm2-135m-published.json \
+  --paired omnikv --variants "$(OPTION_VARIANTS)" --out results/fidelity-tf-options.md \
+  --title "Selection options at P = 1024, teacher forced, on SmolLM2-135M-Instruct"
 divergence: build
 	scripts/fetch-haystack.sh
 	target/debug/omnikv-divergence $(DIVERGENCE_ARGS)
+	target/debug/omnikv-divergence $(OPTIONS_ARGS)
 
 ## A/B: the stock cache, OmniKV and the token-dropping baselines at three
 ## budgets on needle-in-a-haystack, two-stage retrieval (chat and

@@ -7,9 +7,13 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use mistralrs_core::kv_backend::{CustomTextModel, ForwardScope, SequenceIdsScope};
-use omnikv_backend::attention::{attended_rows, exact_attention, sparse_decode_attention};
+use omnikv_backend::attention::{
+    attended_rows, exact_attention, sparse_decode_attention, sparse_decode_attention_per_kv_head,
+};
 use omnikv_backend::omnikv::selector::SelectorKind;
-use omnikv_backend::omnikv::selector::{make_selector, select, select_keeping, top_k_sorted, Keep};
+use omnikv_backend::omnikv::selector::{
+    make_selector, select, select_keeping, select_per_kv_head, top_k_sorted, Keep, Last, Selection,
+};
 use omnikv_backend::{LlamaOmniKv, OmniKvBackend, OmniKvConfig};
 use omnikv_kernels::cpu::indexed_decode_attention;
 
@@ -573,9 +577,14 @@ fn run_to(
 fn batched_decode_equals_single_sequences() {
     // Two sequences with the same cache length but different prompt lengths
     // (so different selections) decode in one batch exactly as they do alone.
-    for selector in ["last", "uniform", "exp"] {
+    for (selector, per_kv_head) in [
+        ("last", false),
+        ("uniform", false),
+        ("exp", false),
+        ("last", true),
+    ] {
         let model = tiny(
-            serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 0.25, "selector_cls": selector, "window_size": 4}),
+            serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0, "num_of_selected_tokens": 0.25, "selector_cls": selector, "window_size": 4, "selection_per_kv_head": per_kv_head}),
         );
         let a: Vec<u32> = IDS[..34].to_vec();
         let b: Vec<u32> = IDS[6..40].to_vec();
@@ -831,4 +840,162 @@ fn mass_budget_of_everything_is_dense_and_a_low_one_differs() {
     );
     let e = OmniKvConfig::from_value(&cfg(1.5)).unwrap_err().to_string();
     assert!(e.contains("selection_mass"), "{e}");
+}
+
+/// One selection per KV head: KV head `j` keeps the top-k of the max over
+/// its own query group's scaled logits (a plain reference), the same `k`
+/// per head; with one KV head it is the shared selection.
+#[test]
+fn per_kv_head_selection_ranks_by_each_query_group() {
+    let dev = Device::Cpu;
+    let mut heads_differ = false;
+    for (kvh, g, d, n, p, k, seed) in [
+        (2, 2, 16, 40, 37, 5, 1u64),
+        (3, 3, 64, 100, 90, 10, 2),
+        (1, 4, 8, 20, 20, 4, 3),
+    ] {
+        let h = kvh * g;
+        let qv = common::rand_vec(h * d, seed);
+        let kv = common::rand_vec(kvh * n * d, seed + 10);
+        let q = Tensor::from_slice(&qv, (1, h, d), &dev).unwrap();
+        let keys = Tensor::from_slice(&kv, (kvh, n, d), &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = select_per_kv_head(&Last, &q, &keys, p, scale, k, n - p, Keep::default(), None)
+            .unwrap();
+        let Selection::PerKvHead(sets) = &got else {
+            panic!("expected one set per KV head, got {got:?}");
+        };
+        assert_eq!(sets.len(), kvh);
+        for (j, set) in sets.iter().enumerate() {
+            let scores: Vec<f32> = (0..p)
+                .map(|pos| {
+                    (j * g..(j + 1) * g)
+                        .map(|head| {
+                            (0..d)
+                                .map(|x| qv[head * d + x] * kv[(j * n + pos) * d + x])
+                                .sum::<f32>()
+                                * scale as f32
+                        })
+                        .fold(f32::NEG_INFINITY, f32::max)
+                })
+                .collect();
+            assert_eq!(set, &naive_top_k(&scores, k), "KV head {j} of {kvh}");
+            assert_eq!(got.for_kv_head(j), set.as_slice());
+        }
+        heads_differ |= sets.windows(2).any(|w| w[0] != w[1]);
+        assert_eq!(got.rows_per_kv_head(), k as f64);
+        if kvh == 1 {
+            let shared =
+                select(&Last, &q, &keys.narrow(1, 0, p).unwrap(), scale, k, n - p).unwrap();
+            assert_eq!(sets[0], shared, "one KV head: the shared selection");
+        }
+    }
+    assert!(heads_differ, "the cases must give KV heads different sets");
+}
+
+/// Per-KV-head sparse attention: each head attends its own KV head's set
+/// plus the generated rows; checked against full attention with -inf on
+/// the rows that head does not attend.
+#[test]
+fn per_kv_head_sparse_attention_matches_masked_full_attention() {
+    let dev = Device::Cpu;
+    for (kvh, g, d, p, n, seed) in [(2, 2, 16, 30, 34, 1u64), (3, 3, 64, 50, 60, 2)] {
+        let h = kvh * g;
+        let q = common::rand_vec(h * d, seed);
+        let k = common::rand_vec(kvh * n * d, seed + 10);
+        let v = common::rand_vec(kvh * n * d, seed + 20);
+        let sets: Vec<Vec<u32>> = (0..kvh as u32)
+            .map(|j| (0..p as u32).filter(|x| (x + j) % (j + 2) == 0).collect())
+            .collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let qt = Tensor::from_slice(&q, (1, h, 1, d), &dev).unwrap();
+        let kt = Tensor::from_slice(&k, (1, kvh, n, d), &dev).unwrap();
+        let vt = Tensor::from_slice(&v, (1, kvh, n, d), &dev).unwrap();
+        let got: Vec<f32> =
+            sparse_decode_attention_per_kv_head(&qt, &kt, &vt, &sets, p, scale as f64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        for head in 0..h {
+            let kv = head / g;
+            let rows = attended_rows(&sets[kv], p, n);
+            let logits: Vec<f32> = (0..n)
+                .map(|j| {
+                    if rows.contains(&(j as u32)) {
+                        (0..d)
+                            .map(|x| q[head * d + x] * k[(kv * n + j) * d + x])
+                            .sum::<f32>()
+                            * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = logits.iter().map(|x| (x - m).exp()).sum();
+            for x in 0..d {
+                let want: f32 = (0..n)
+                    .map(|j| (logits[j] - m).exp() / z * v[(kv * n + j) * d + x])
+                    .sum();
+                let diff = (got[head * d + x] - want).abs();
+                assert!(diff < 1e-5, "head {head} dim {x}: {diff}");
+            }
+        }
+    }
+    let q = Tensor::zeros((1, 4, 1, 8), DType::F32, &dev).unwrap();
+    let k = Tensor::zeros((1, 2, 5, 8), DType::F32, &dev).unwrap();
+    let err = sparse_decode_attention_per_kv_head(&q, &k, &k, &[vec![0]], 5, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 row sets for 2 KV heads"), "{err}");
+}
+
+/// `selection_per_kv_head` end to end on the tiny model: at a full budget
+/// (also with a mass target of 1.0) it is dense decoding bit for bit; at 3
+/// tokens it differs from dense decoding and from the shared selection of
+/// the same budget; with `real_offload` the config is refused, and so is
+/// tensor parallelism.
+#[test]
+fn per_kv_head_selection_in_the_backend() {
+    let cfg = |budget: serde_json::Value, per_kv_head: bool| {
+        serde_json::json!({"do_select_layers": "0", "num_wait_load_layers": 0,
+            "num_of_selected_tokens": budget, "selection_per_kv_head": per_kv_head})
+    };
+    let dense = decode(
+        &tiny(serde_json::json!({"do_select_layers": "1", "num_of_selected_tokens": 1.0})),
+        &IDS,
+        30,
+    );
+    assert_eq!(
+        max_diff(&decode(&tiny(cfg(1.0.into(), true)), &IDS, 30), &dense),
+        0.0
+    );
+    let mut by_mass = cfg(1.0.into(), true);
+    by_mass["selection_mass"] = 1.0.into();
+    assert_eq!(max_diff(&decode(&tiny(by_mass), &IDS, 30), &dense), 0.0);
+    let per_head = decode(&tiny(cfg(3.into(), true)), &IDS, 30);
+    let shared = decode(&tiny(cfg(3.into(), false)), &IDS, 30);
+    let from_dense = max_diff(&per_head, &dense);
+    let from_shared = max_diff(&per_head, &shared);
+    assert!(
+        from_dense > 1e-3,
+        "3 rows per KV head should change the logits ({from_dense})"
+    );
+    assert!(
+        from_shared > 1e-4,
+        "per-KV-head sets should differ from the shared set ({from_shared})"
+    );
+    let mut offload = cfg(3.into(), true);
+    offload["real_offload"] = true.into();
+    let e = OmniKvConfig::from_value(&offload).unwrap_err().to_string();
+    assert!(
+        e.contains("selection_per_kv_head") && e.contains("real_offload"),
+        "{e}"
+    );
+    // Not across tensor-parallel ranks (yet): refused before the ranks connect.
+    let backend = OmniKvBackend::new(OmniKvConfig::from_value(&cfg(3.into(), true)).unwrap());
+    let e = backend.check_tensor_parallel().unwrap_err().to_string();
+    assert!(e.contains("selection_per_kv_head"), "{e}");
 }

@@ -44,6 +44,7 @@ use mistralrs_core::kv_backend::{
     RequestKvCacheOptions, SequenceIdsScope,
 };
 use omnikv_backend::omnikv::backend::Step;
+use omnikv_backend::omnikv::selector::Selection;
 use omnikv_backend::omnikv::selector::SelectorKind;
 use omnikv_backend::omnikv::{LayerPlan, LayerRole};
 use omnikv_backend::prefill::PrefillKernel;
@@ -141,6 +142,15 @@ pub struct StepRecord {
     /// badly.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layer_mass: Vec<(usize, f64)>,
+    /// Full attention's margin at this step: its top-1 minus its top-2
+    /// log-probability (nats). Small margins are near-ties, where any
+    /// rounding may flip the argmax.
+    #[serde(default)]
+    pub margin: f64,
+    /// OmniKV: the filter layers' attention mass on prompt positions the
+    /// selection left out, by position (mean over filter layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed: Option<MissedMass>,
 }
 
 /// A variant's records over one document.
@@ -156,6 +166,24 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
     let lse = max + sum.ln();
     logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Top-1 minus top-2 of `v` (0 with fewer than two entries).
+pub fn margin(v: &[f64]) -> f64 {
+    let (mut a, mut b) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for &x in v {
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    if b.is_finite() {
+        a - b
+    } else {
+        0.0
+    }
 }
 
 fn argmax(v: &[f64]) -> usize {
@@ -204,12 +232,16 @@ enum Mode {
 struct Probe {
     plan: LayerPlan,
     prompt_len: usize,
-    /// Rows attended, summed over layers (times KV heads below).
-    rows: usize,
+    /// Rows attended, summed over layers (per KV head: the mean over KV
+    /// heads of the rows each attended).
+    rows: f64,
     /// Full attention's rows, summed over layers.
     dense_rows: usize,
     /// Captured mass per filter layer of this step.
     mass: Vec<f64>,
+    /// Missed mass per filter layer of this step, by prompt position
+    /// ([`MissedMass`]).
+    missed: Vec<MissedMass>,
     /// Each sparse layer's own captured mass.
     layer_mass: Vec<(usize, f64)>,
 }
@@ -312,64 +344,117 @@ fn probe_layer(
     probe.dense_rows += n;
     match probe.plan.roles.get(layer) {
         Some(LayerRole::Sparse { filter }) => match selected(*filter) {
-            Some(sel) if sel.len() < p => {
-                probe.rows += sel.len() + (n - p);
-                let m = captured_mass(input, &k, sel, p)?;
+            Some(sel) if !sel.covers(p) => {
+                probe.rows += sel.rows_per_kv_head() + (n - p) as f64;
+                let (m, _) = captured_mass(input, &k, sel, p)?;
                 probe.layer_mass.push((layer, m));
             }
-            _ => probe.rows += n,
+            _ => probe.rows += n as f64,
         },
         Some(LayerRole::Filter) => {
-            probe.rows += n;
+            probe.rows += n as f64;
             if let Some(sel) = selected(layer) {
-                probe.mass.push(captured_mass(input, &k, sel, p)?);
+                let (m, missed) = captured_mass(input, &k, sel, p)?;
+                probe.mass.push(m);
+                probe.missed.push(missed);
             }
         }
-        _ => probe.rows += n,
+        _ => probe.rows += n as f64,
     }
     Ok(())
 }
 
 /// Share of the softmax attention mass of the step's queries `q`
 /// `(1, h, 1, d)` over keys `k` `(1, kv_h, n, d)` that falls on the rows
-/// sparse layers attend: the selected prompt positions `sel` and every
-/// position from `p` on. Mean over query heads.
+/// sparse layers attend: the selected prompt positions `sel` (each query
+/// head those of its KV head) and every position from `p` on. Mean over
+/// query heads. Also the mass on the prompt positions not attended, by
+/// where they lie ([`MissedMass`]).
 fn captured_mass(
     input: &AttentionInput<'_>,
     k: &Tensor,
-    sel: &[u32],
+    sel: &Selection,
     p: usize,
-) -> candle_core::Result<f64> {
+) -> candle_core::Result<(f64, MissedMass)> {
     let scale = input.sdpa_params.softmax_scale as f64;
     let q = input.q.get(0)?.squeeze(1)?.to_dtype(DType::F32)?; // (h, d)
     let k = k.get(0)?.to_dtype(DType::F32)?; // (kv_h, n, d)
     let (h, _) = q.dims2()?;
     let (kv_h, n, _) = k.dims3()?;
     let g = h / kv_h;
-    let mut keep = vec![false; n];
-    for &j in sel {
-        if let Some(x) = keep.get_mut(j as usize) {
+    let mut total = 0.0;
+    let mut missed = MissedMass::default();
+    for kh in 0..kv_h {
+        let mut keep = vec![false; n];
+        for &j in sel.for_kv_head(kh) {
+            if let Some(x) = keep.get_mut(j as usize) {
+                *x = true;
+            }
+        }
+        for x in keep.iter_mut().skip(p) {
             *x = true;
         }
-    }
-    for x in keep.iter_mut().skip(p) {
-        *x = true;
-    }
-    let mut total = 0.0;
-    for kh in 0..kv_h {
         let qg = q.narrow(0, kh * g, g)?; // (g, d)
         let logits = qg.matmul(&k.get(kh)?.t()?)?.to_vec2::<f32>()?; // (g, n)
         for row in logits {
             let scaled: Vec<f32> = row.iter().map(|&x| (x as f64 * scale) as f32).collect();
-            total += log_softmax(&scaled)
-                .iter()
-                .zip(&keep)
-                .filter(|(_, &kept)| kept)
-                .map(|(x, _)| x.exp())
-                .sum::<f64>();
+            for (j, (x, &kept)) in log_softmax(&scaled).iter().zip(&keep).enumerate() {
+                if kept {
+                    total += x.exp();
+                } else {
+                    missed.add(j, p, x.exp());
+                }
+            }
         }
     }
-    Ok(total / h as f64)
+    missed.scale(1.0 / h as f64);
+    Ok((total / h as f64, missed))
+}
+
+/// Attention mass on prompt positions a selection left out, by where they
+/// lie in the prompt: the first [`MissedMass::START`] positions (where
+/// attention sinks are), the last [`MissedMass::END`] (the recent context)
+/// and the rest. The three sum to one minus the captured mass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MissedMass {
+    pub start: f64,
+    pub middle: f64,
+    pub end: f64,
+}
+
+impl MissedMass {
+    /// Positions counted as the prompt's start.
+    pub const START: usize = 4;
+    /// Positions counted as the prompt's end.
+    pub const END: usize = 64;
+
+    fn add(&mut self, j: usize, p: usize, mass: f64) {
+        if j < Self::START {
+            self.start += mass;
+        } else if j + Self::END >= p {
+            self.end += mass;
+        } else {
+            self.middle += mass;
+        }
+    }
+
+    fn scale(&mut self, f: f64) {
+        self.start *= f;
+        self.middle *= f;
+        self.end *= f;
+    }
+
+    /// The mean of `xs` (zeros when empty).
+    pub fn mean(xs: &[MissedMass]) -> MissedMass {
+        let mut m = MissedMass::default();
+        for x in xs {
+            m.start += x.start;
+            m.middle += x.middle;
+            m.end += x.end;
+        }
+        m.scale(1.0 / xs.len().max(1) as f64);
+        m
+    }
 }
 
 /// One model, its backends, and the per-document procedure.
@@ -623,17 +708,19 @@ impl TeacherForced {
                 .iter()
                 .zip(&reference)
                 .enumerate()
-                .map(|(j, ((lp, rows_read, mass, layer_mass), (full, ..)))| {
+                .map(|(j, (out, full))| {
                     let target = ids[prompt_len + j + 1] as usize;
-                    let (kl, agree, nll, nll_full) = compare(full, lp, target);
+                    let (kl, agree, nll, nll_full) = compare(&full.lp, &out.lp, target);
                     StepRecord {
                         kl,
                         agree,
                         nll,
                         nll_full,
-                        rows_read: *rows_read,
-                        mass: *mass,
-                        layer_mass: layer_mass.clone(),
+                        rows_read: out.rows_read,
+                        mass: out.mass,
+                        layer_mass: out.layer_mass.clone(),
+                        margin: margin(&full.lp),
+                        missed: out.missed,
                     }
                 })
                 .collect();
@@ -653,7 +740,14 @@ impl TeacherForced {
 }
 
 /// One decode step's log-probabilities, rows-read share and captured mass.
-type StepOut = (Vec<f64>, f64, Option<f64>, Vec<(usize, f64)>);
+#[derive(Clone)]
+struct StepOut {
+    lp: Vec<f64>,
+    rows_read: f64,
+    mass: Option<f64>,
+    layer_mass: Vec<(usize, f64)>,
+    missed: Option<MissedMass>,
+}
 
 /// Decode `steps` teacher-forced tokens through `backend`, the cache
 /// holding the prompt.
@@ -679,9 +773,10 @@ fn decode<S>(
             probe: plan.clone().map(|plan| Probe {
                 plan,
                 prompt_len,
-                rows: 0,
+                rows: 0.0,
                 dense_rows: 0,
                 mass: Vec::new(),
+                missed: Vec::new(),
                 layer_mass: Vec::new(),
             }),
         });
@@ -691,31 +786,39 @@ fn decode<S>(
             model.forward(&x, &[pos], vec![(0, 1)])?
         };
         let lp = log_softmax(&logits.flatten_all()?.to_vec1::<f32>()?);
-        let (rows_read, mass, layer_mass) = match router.set(Mode::Idle) {
-            Mode::Decode { probe: Some(p), .. } => (
-                p.rows as f64 / p.dense_rows.max(1) as f64,
-                (!p.mass.is_empty()).then(|| p.mass.iter().sum::<f64>() / p.mass.len() as f64),
-                p.layer_mass,
-            ),
-            _ => match &dropper {
-                Some(d) => {
-                    let held = d
-                        .held()
-                        .into_iter()
-                        .find(|(id, _)| *id == SEQ)
-                        .map(|(_, h)| h.rows)
-                        .unwrap_or(0);
-                    let heads = model.config().num_kv_heads();
-                    (
-                        held as f64 / (layers * heads * (pos + 1)) as f64,
-                        None,
-                        Vec::new(),
-                    )
-                }
-                None => (1.0, None, Vec::new()),
+        let step = match router.set(Mode::Idle) {
+            Mode::Decode { probe: Some(p), .. } => StepOut {
+                lp,
+                rows_read: p.rows / p.dense_rows.max(1) as f64,
+                mass: (!p.mass.is_empty())
+                    .then(|| p.mass.iter().sum::<f64>() / p.mass.len() as f64),
+                layer_mass: p.layer_mass,
+                missed: (!p.missed.is_empty()).then(|| MissedMass::mean(&p.missed)),
             },
+            _ => {
+                let rows_read = match &dropper {
+                    Some(d) => {
+                        let held = d
+                            .held()
+                            .into_iter()
+                            .find(|(id, _)| *id == SEQ)
+                            .map(|(_, h)| h.rows)
+                            .unwrap_or(0);
+                        let heads = model.config().num_kv_heads();
+                        held as f64 / (layers * heads * (pos + 1)) as f64
+                    }
+                    None => 1.0,
+                };
+                StepOut {
+                    lp,
+                    rows_read,
+                    mass: None,
+                    layer_mass: Vec::new(),
+                    missed: None,
+                }
+            }
         };
-        out.push((lp, rows_read, mass, layer_mass));
+        out.push(step);
     }
     Ok(out)
 }
@@ -762,6 +865,22 @@ pub struct DocSummary {
     /// Mean captured mass per sparse layer (`(layer, share)`, ascending
     /// layers; empty where not measured).
     pub layer_mass: Vec<(usize, f64)>,
+    /// Per bucket of full attention's margin ([`MARGIN_EDGES`]): steps
+    /// whose argmax agreed, and steps.
+    pub by_margin: [(usize, usize); MARGIN_BUCKETS],
+    /// Mean missed mass by prompt position (OmniKV; `None` elsewhere).
+    pub missed: Option<MissedMass>,
+}
+
+/// Upper edges (nats) of the buckets of full attention's top-1 margin that
+/// top-1 agreement is split by; the last bucket is open.
+pub const MARGIN_EDGES: [f64; MARGIN_BUCKETS - 1] = [0.1, 0.5, 1.0];
+/// Buckets of [`MARGIN_EDGES`].
+pub const MARGIN_BUCKETS: usize = 4;
+
+/// The bucket of a margin (nats) in [`MARGIN_EDGES`].
+pub fn margin_bucket(m: f64) -> usize {
+    MARGIN_EDGES.iter().take_while(|&&e| m >= e).count()
 }
 
 impl DocSummary {
@@ -777,6 +896,19 @@ impl DocSummary {
             ppl_ratio: (nll - nll_full).exp(),
             rows_read: steps.iter().map(|s| s.rows_read).sum::<f64>() / n,
             mass: (!masses.is_empty()).then(|| masses.iter().sum::<f64>() / masses.len() as f64),
+            by_margin: {
+                let mut b = [(0, 0); MARGIN_BUCKETS];
+                for s in steps {
+                    let e = &mut b[margin_bucket(s.margin)];
+                    e.0 += s.agree as usize;
+                    e.1 += 1;
+                }
+                b
+            },
+            missed: {
+                let m: Vec<MissedMass> = steps.iter().filter_map(|s| s.missed).collect();
+                (!m.is_empty()).then(|| MissedMass::mean(&m))
+            },
             layer_mass: {
                 let mut per: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
                 for (l, m) in steps.iter().flat_map(|s| &s.layer_mass) {

@@ -53,6 +53,8 @@ fn a_budget_of_everything_is_full_attention_exactly() {
         "snapkv@1.0",
         // A filter layer that keeps every row of a different config.
         "omnikv@1.0:selector_cls=softmax_before_last",
+        // One selection per KV head, each keeping every row.
+        "omnikv@1.0:selection_per_kv_head=true",
     ];
     let runs = tf.run(&ids, PROMPT, STEPS, &variants(&specs)).unwrap();
     assert_eq!(runs.len(), specs.len());
@@ -86,6 +88,7 @@ fn one_row_diverges_and_reads_less() {
         "omnikv@0.001",
         "h2o@0.05:min_tokens=1",
         "streaming@0.05:min_tokens=1",
+        "omnikv@0.001:selection_per_kv_head=true",
     ];
     let runs = tf.run(&ids, PROMPT, STEPS, &variants(&specs)).unwrap();
     for run in &runs {
@@ -96,6 +99,27 @@ fn one_row_diverges_and_reads_less() {
     }
     let mass = runs[0].steps[0].mass.unwrap();
     assert!(mass > 0.0 && mass < 1.0, "captured mass {mass}");
+    // What the selection missed, by position, is the rest of the mass.
+    let missed = runs[0].steps[0]
+        .missed
+        .expect("omnikv reports the missed mass");
+    let rest = missed.start + missed.middle + missed.end;
+    assert!(
+        (rest - (1.0 - mass)).abs() < 1e-9,
+        "missed {missed:?}, captured {mass}"
+    );
+    // Per KV head: one row per head, a different selection, same rows read.
+    let (shared, per_head) = (&runs[0], &runs[3]);
+    assert_ne!(shared.steps, per_head.steps);
+    for (a, b) in shared.steps.iter().zip(&per_head.steps) {
+        assert!(
+            (a.rows_read - b.rows_read).abs() < 1e-12,
+            "{} vs {}",
+            a.rows_read,
+            b.rows_read
+        );
+        assert!(b.margin >= 0.0 && b.margin == a.margin);
+    }
     // Layer 1 is the only sparse layer; it reports what it kept.
     let layers = &runs[0].steps[0].layer_mass;
     assert_eq!(layers.len(), 1, "{layers:?}");

@@ -33,7 +33,7 @@ pub use device::{
     chunked_prompt_attention, device_attention, matmul_attention, PROMPT_SCORE_BYTES,
 };
 pub use exact::{exact_attention, exact_prompt_attention};
-pub use sparse::{attended_rows, sparse_decode_attention};
+pub use sparse::{attended_rows, sparse_decode_attention, sparse_decode_attention_per_kv_head};
 pub use tiled::{tiled_causal_attention, PREFILL_TILE};
 
 use candle_core::{Device, Result, Tensor};

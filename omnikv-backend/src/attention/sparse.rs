@@ -62,3 +62,50 @@ pub fn sparse_decode_attention(
     )?;
     out.reshape((1, h, 1, d))?.to_dtype(q.dtype())
 }
+
+/// [`sparse_decode_attention`] with one selection per KV head
+/// (`selection_per_kv_head`): KV head `j` and the query heads that read it
+/// (`j*g .. (j+1)*g`, `g = h / kv_h`) attend `sets[j]` (sorted prompt
+/// positions below `prompt_len`) plus every generated row
+/// `prompt_len .. n`.
+///
+/// * `q`: `(1, h, 1, d)`; `k`, `v`: `(1, kv_h, n, d)`; `sets`: `kv_h` sets.
+///
+/// Returns `(1, h, 1, d)` in `q`'s dtype; each head's output is what
+/// [`sparse_decode_attention`] gives it over its own rows.
+///
+/// # Errors
+/// If `sets` does not hold one set per KV head, `h` is not a multiple of
+/// `kv_h`, or as [`sparse_decode_attention`].
+pub fn sparse_decode_attention_per_kv_head(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sets: &[Vec<u32>],
+    prompt_len: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, h, _, _) = q.dims4()?;
+    let (_, kv_h, n, _) = k.dims4()?;
+    if sets.len() != kv_h || kv_h == 0 || h % kv_h != 0 {
+        candle_core::bail!(
+            "sparse_decode_attention_per_kv_head: {} row sets for {kv_h} KV heads and {h} query heads",
+            sets.len()
+        );
+    }
+    let g = h / kv_h;
+    let heads = sets
+        .iter()
+        .enumerate()
+        .map(|(j, set)| {
+            sparse_decode_attention(
+                &q.narrow(1, j * g, g)?,
+                &k.narrow(1, j, 1)?,
+                &v.narrow(1, j, 1)?,
+                &attended_rows(set, prompt_len, n),
+                scale,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&heads, 1)
+}

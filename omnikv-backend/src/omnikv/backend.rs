@@ -27,10 +27,15 @@ use super::config::{OmniKvConfig, RequestOverride};
 use super::plan::{LayerPlan, LayerRole};
 use super::queries::QueryStore;
 use super::recall::{head_max_distribution, step_recall, Recorder};
-use super::selector::{make_selector, mass_capped, select_keeping_across, Selector, SelectorKind};
+use super::selector::{
+    make_selector, mass_capped, select_keeping_across, select_per_kv_head, Selection, Selector,
+    SelectorKind,
+};
 use super::store::{Bytes, StoreUsage, TieredStore};
 use crate::accounting::ReleaseRecord;
-use crate::attention::{attended_rows, exact_attention, sparse_decode_attention};
+use crate::attention::{
+    attended_rows, exact_attention, sparse_decode_attention, sparse_decode_attention_per_kv_head,
+};
 use crate::budget::TokenBudget;
 use crate::prefill::dense_attention;
 use crate::rope::Rotary;
@@ -89,7 +94,7 @@ pub struct Step {
     /// keeps (`min_selected_tokens`; 0 for a budget the request set).
     budgets: Vec<Option<(TokenBudget, usize)>>,
     /// For each layer, the prompt positions it selected, per sequence.
-    selections: Vec<Option<Vec<Vec<u32>>>>,
+    selections: Vec<Option<Vec<Selection>>>,
     /// Recording only: each layer's distribution over prompt positions, per
     /// sequence.
     dists: Vec<Vec<Vec<f32>>>,
@@ -111,7 +116,7 @@ impl Step {
     /// (prompt passes, dense decoding). Tools read it from the pass state
     /// handed to each layer (the teacher-forced divergence tool measures the
     /// attention mass a selection captures).
-    pub fn selected_rows(&self, layer: usize) -> Option<&[Vec<u32>]> {
+    pub fn selected_rows(&self, layer: usize) -> Option<&[Selection]> {
         self.selections.get(layer)?.as_deref()
     }
 }
@@ -170,8 +175,9 @@ impl OmniKvBackend {
     /// positions, then needs a global max of normalised scores, which is
     /// exact too but not implemented; the window selectors also keep past
     /// queries per rank and sum over them), `selection_mass` (a softmax mass
-    /// over every head), or `record_recall` (each rank would record its own
-    /// heads' attention).
+    /// over every head), `selection_per_kv_head` (not implemented across
+    /// ranks), or `record_recall` (each rank would record its own heads'
+    /// attention).
     pub fn attach_tensor_parallel(&self, tp: Arc<TensorParallel>) -> anyhow::Result<()> {
         self.check_tensor_parallel()?;
         tracing::info!(
@@ -199,6 +205,11 @@ impl OmniKvBackend {
         if self.config.selection_mass.is_some() {
             anyhow::bail!(
                 "{fix} budgets in tokens only: remove `selection_mass`, or run on one device"
+            );
+        }
+        if self.config.selection_per_kv_head {
+            anyhow::bail!(
+                "{fix} one selection shared by every head: remove `selection_per_kv_head`, or run on one device"
             );
         }
         if self.config.record_recall.is_some() {
@@ -286,13 +297,15 @@ impl OmniKvBackend {
             }
             let mut jobs = Vec::with_capacity(ids.len());
             for (i, sel) in selection.iter().enumerate() {
-                if sel.len() >= step.prompt_lens[i] {
+                // Offload runs with shared selections only (the config
+                // refuses `selection_per_kv_head` with `real_offload`).
+                let Some(sel) = sel.shared().filter(|s| s.len() < step.prompt_lens[i]) else {
                     jobs.push(None);
                     continue;
-                }
+                };
                 let (tx, rx) = std::sync::mpsc::channel();
                 let (store, seq, sel, device) =
-                    (self.store.clone(), ids[i], sel.clone(), device.clone());
+                    (self.store.clone(), ids[i], sel.to_vec(), device.clone());
                 pool.spawn(move || {
                     let _ = tx.send(store.stage(seq, layer, &sel, &device));
                 });
@@ -423,6 +436,11 @@ impl OmniKvBackend {
         };
         let mut outs = Vec::with_capacity(b);
         for (i, sel) in selection.iter().enumerate() {
+            let Some(sel) = sel.shared() else {
+                candle_core::bail!(
+                    "omnikv: `real_offload` with a per-KV-head selection (the config refuses `selection_per_kv_head` with `real_offload`)"
+                );
+            };
             let qi = input.q.narrow(0, i, 1)?;
             let prefetched = step
                 .prefetch
@@ -720,7 +738,7 @@ impl KvCacheBackend for OmniKvBackend {
                         if selecting {
                             self.stats.selection(id, p, p);
                         }
-                        per_seq.push((0..p as u32).collect());
+                        per_seq.push(Selection::Shared((0..p as u32).collect()));
                         continue;
                     }
                     let keys = k.get(i)?.narrow(1, 0, p)?; // (kv_h, P, d)
@@ -731,6 +749,23 @@ impl KvCacheBackend for OmniKvBackend {
                         }
                         _ => input.q.get(i)?.transpose(0, 1)?, // (1, h, d)
                     };
+                    if self.config.selection_per_kv_head {
+                        let sel = select_per_kv_head(
+                            &*self.selector,
+                            &queries,
+                            &k.get(i)?,
+                            p,
+                            scale,
+                            budget,
+                            n - p,
+                            self.config.keep,
+                            self.config.selection_mass,
+                        )?;
+                        self.stats
+                            .selection(id, sel.rows_per_kv_head().round() as usize, p);
+                        per_seq.push(sel);
+                        continue;
+                    }
                     let mut sel = select_keeping_across(
                         &*self.selector,
                         &queries,
@@ -755,11 +790,15 @@ impl KvCacheBackend for OmniKvBackend {
                         )?;
                     }
                     self.stats.selection(id, sel.len(), p);
-                    per_seq.push(sel);
+                    per_seq.push(Selection::Shared(sel));
                 }
                 if let Some(ids) = &step.seq_ids {
+                    // The delta-fetch figures of the host tier follow shared
+                    // selections (offload runs with those only).
                     for (&id, sel) in ids.iter().zip(&per_seq) {
-                        self.store.note_selection(id, layer, sel);
+                        if let Some(sel) = sel.shared() {
+                            self.store.note_selection(id, layer, sel);
+                        }
                     }
                 }
                 step.selection_time += started.elapsed();
@@ -788,17 +827,22 @@ impl KvCacheBackend for OmniKvBackend {
                         k.narrow(0, i, 1)?,
                         v.narrow(0, i, 1)?,
                     );
-                    if sel.len() >= p {
+                    if sel.covers(p) {
                         // The budget covers the whole prompt: plain dense attention.
                         outs.push(exact_attention(&qi, &ki, &vi, scale)?);
-                    } else {
-                        outs.push(sparse_decode_attention(
+                        continue;
+                    }
+                    match sel {
+                        Selection::Shared(sel) => outs.push(sparse_decode_attention(
                             &qi,
                             &ki,
                             &vi,
                             &attended_rows(sel, p, n),
                             scale,
-                        )?);
+                        )?),
+                        Selection::PerKvHead(sets) => outs.push(
+                            sparse_decode_attention_per_kv_head(&qi, &ki, &vi, sets, p, scale)?,
+                        ),
                     }
                 }
                 Tensor::cat(&outs, 0)

@@ -77,6 +77,9 @@ pub struct OmniKvConfigFile {
     /// filter layer's attention mass a selection must cover (the budget
     /// caps it).
     pub selection_mass: Option<f64>,
+    /// Not in the published schema: one selection per KV head instead of
+    /// one shared by every head.
+    pub selection_per_kv_head: Option<bool>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -105,6 +108,7 @@ const KNOWN_KEYS: &[&str] = &[
     "record_recall",
     "max_host_bytes",
     "selection_mass",
+    "selection_per_kv_head",
 ];
 
 /// All problems found in a config (or a request's `kv_cache` object), one
@@ -225,6 +229,7 @@ impl OmniKvConfigFile {
             record_recall: field(map, "record_recall", string, &mut e),
             max_host_bytes: field(map, "max_host_bytes", int, &mut e),
             selection_mass: field(map, "selection_mass", "a fraction in (0, 1]", &mut e),
+            selection_per_kv_head: field(map, "selection_per_kv_head", boolean, &mut e),
         };
         (file, e)
     }
@@ -274,6 +279,11 @@ pub struct OmniKvConfig {
     /// anyway, cover this share of the filter layer's softmax attention
     /// mass ([`super::selector::mass_capped`]); the budget stays the cap.
     pub selection_mass: Option<f64>,
+    /// One selection per KV head (opt-in; off as published): each KV head
+    /// ranks the prompt by its own query group's scores and keeps its own
+    /// top-k of the same budget, so a step reads as many rows as with one
+    /// shared set ([`super::selector::select_per_kv_head`]).
+    pub selection_per_kv_head: bool,
 }
 
 /// Upper bound for counts that size allocations or threads; anything larger
@@ -484,6 +494,10 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
                 ));
             }
         }
+        let selection_per_kv_head = f.selection_per_kv_head.unwrap_or(false);
+        if selection_per_kv_head && f.real_offload == Some(true) {
+            e.push("`selection_per_kv_head` = true with `real_offload` = true: the host tier stages one row set per sparse layer; set `real_offload` = false or `selection_per_kv_head` = false".into());
+        }
         let window_size = f.window_size.unwrap_or(16);
         if window_size == 0 || window_size > 4096 {
             e.push(format!("`window_size` = {window_size}: expected 1..=4096"));
@@ -507,6 +521,7 @@ impl TryFrom<OmniKvConfigFile> for OmniKvConfig {
             record_recall: f.record_recall.map(std::path::PathBuf::from),
             max_host_bytes: f.max_host_bytes,
             selection_mass: f.selection_mass,
+            selection_per_kv_head,
         })
     }
 }

@@ -310,6 +310,111 @@ pub fn select_keeping_across(
     Ok(out)
 }
 
+/// One sequence's selection at a filter layer: ascending prompt positions
+/// that the sparse layers it serves attend (spec: "Selection at a filter
+/// layer").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// One set for every head (published).
+    Shared(Vec<u32>),
+    /// One set per KV head, `kv_h` of them (`selection_per_kv_head`, an
+    /// opt-in extension): KV head `j` and the query heads that read it
+    /// attend set `j`.
+    PerKvHead(Vec<Vec<u32>>),
+}
+
+impl Selection {
+    /// The set every head attends, or `None` for a per-KV-head selection.
+    pub fn shared(&self) -> Option<&[u32]> {
+        match self {
+            Selection::Shared(rows) => Some(rows),
+            Selection::PerKvHead(_) => None,
+        }
+    }
+
+    /// The positions KV head `kv_head` attends.
+    ///
+    /// # Panics
+    /// If a per-KV-head selection has no set for `kv_head`.
+    pub fn for_kv_head(&self, kv_head: usize) -> &[u32] {
+        match self {
+            Selection::Shared(rows) => rows,
+            Selection::PerKvHead(sets) => &sets[kv_head],
+        }
+    }
+
+    /// Whether every head attends all `p` prompt positions (the sparse
+    /// layers then run dense attention).
+    pub fn covers(&self, p: usize) -> bool {
+        match self {
+            Selection::Shared(rows) => rows.len() >= p,
+            Selection::PerKvHead(sets) => sets.iter().all(|s| s.len() >= p),
+        }
+    }
+
+    /// Positions attended per KV head, the mean over KV heads (for a shared
+    /// set, its length): the selection's size in rows, comparable between
+    /// both forms at equal bytes read.
+    pub fn rows_per_kv_head(&self) -> f64 {
+        match self {
+            Selection::Shared(rows) => rows.len() as f64,
+            Selection::PerKvHead(sets) if sets.is_empty() => 0.0,
+            Selection::PerKvHead(sets) => {
+                sets.iter().map(|s| s.len()).sum::<usize>() as f64 / sets.len() as f64
+            }
+        }
+    }
+}
+
+/// [`select_keeping`] (with [`mass_capped`] when `target` is set) once per
+/// KV head (`selection_per_kv_head`): KV head `j` ranks prompt positions by
+/// the scores of its own query group only (query heads `j*g .. (j+1)*g`,
+/// `g = h / kv_h`; for `last`, the max over that group of the current
+/// query's scaled logits) and keeps its own top-k, with the same budget `k`
+/// per head. Every KV head reads as many rows as a shared selection of the
+/// same budget, so the bytes read per step are equal.
+///
+/// * `queries`: `(w', h, d)`, as for [`select`];
+/// * `keys`: `(kv_h, n, d)`, the sequence's whole cache at this layer (the
+///   first `p` rows are the prompt);
+/// * `decoded`: as for [`select`].
+///
+/// # Errors
+/// If `h` is not a multiple of `kv_h`, or scoring, the top-k or the mass
+/// fails.
+#[allow(clippy::too_many_arguments)]
+pub fn select_per_kv_head(
+    selector: &dyn Selector,
+    queries: &Tensor,
+    keys: &Tensor,
+    p: usize,
+    scale: f64,
+    k: usize,
+    decoded: usize,
+    keep: Keep,
+    target: Option<f64>,
+) -> Result<Selection> {
+    let (_, h, _) = queries.dims3()?;
+    let kv_h = keys.dim(0)?;
+    if kv_h == 0 || h % kv_h != 0 {
+        candle_core::bail!("query heads {h} are not a multiple of KV heads {kv_h}");
+    }
+    let g = h / kv_h;
+    let mut sets = Vec::with_capacity(kv_h);
+    for j in 0..kv_h {
+        let q = queries.narrow(1, j * g, g)?; // (w', g, d)
+        let head_keys = keys.narrow(0, j, 1)?; // (1, n, d)
+        let prompt_keys = head_keys.narrow(1, 0, p)?;
+        let mut sel = select_keeping(selector, &q, &prompt_keys, scale, k, decoded, keep)?;
+        if let Some(target) = target {
+            let current = q.get(q.dim(0)? - 1)?; // (g, d)
+            sel = mass_capped(&sel, &current, &head_keys, p, scale, target, keep)?;
+        }
+        sets.push(sel);
+    }
+    Ok(Selection::PerKvHead(sets))
+}
+
 /// The mass-based budget (`selection_mass`, not in the published schema):
 /// of a selection `sel` (prompt positions), keep the fewest, in order of
 /// their attention mass, whose mass together with the rows every step

@@ -19,8 +19,8 @@ use omnikv_eval::bench_format::gguf_tokenizer;
 use omnikv_eval::eval::machine_description;
 use omnikv_eval::plot::{line_chart, Series};
 use omnikv_eval::teacher_forced::{
-    document, document_sources, mean_ci, summarise, DocSummary, StepRecord, TeacherForced,
-    TfVariant,
+    document, document_sources, mean_ci, summarise, DocSummary, MissedMass, StepRecord,
+    TeacherForced, TfVariant, MARGIN_BUCKETS, MARGIN_EDGES,
 };
 use omnikv_eval::{model_dir, root, MODEL_FILE};
 use serde_json::{json, Value};
@@ -42,6 +42,9 @@ const USAGE: &str = "usage: omnikv-divergence [options]
   --exact-prefill-lengths LIST
                      lengths at which full-exact-prefill runs (default 1024: the stock
                      prefill arithmetic takes minutes per long prompt on a CPU)
+  --paired METHOD    also report, per budget, every other method's per-document
+                     difference from METHOD (a method is a variant without its budget:
+                     omnikv, h2o, omnikv:do_select_layers=[4,8,17,22]), with 95% intervals
   --seed N           document order seed (default 7)
   --title TEXT       report title
   --out FILE         Markdown report (default results/fidelity-tf.md; plots next to it)
@@ -62,6 +65,7 @@ struct Args {
     dtype: DType,
     seed: u64,
     exact_lengths: Vec<usize>,
+    paired: Option<String>,
     title: String,
     out: PathBuf,
     cache: PathBuf,
@@ -110,6 +114,7 @@ fn parse_args() -> Result<Option<Args>> {
         dtype: DType::BF16,
         seed: 7,
         exact_lengths: vec![1024],
+        paired: None,
         title: "Teacher-forced divergence from full attention on SmolLM2-135M-Instruct".into(),
         out: root().join("results/fidelity-tf.md"),
         cache: root().join("results/cache/fidelity-tf.jsonl"),
@@ -163,6 +168,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_>>()?
             }
             "--seed" => a.seed = v.parse().with_context(|| format!("--seed `{v}`"))?,
+            "--paired" => a.paired = Some(v),
             "--title" => a.title = v,
             "--out" => a.out = PathBuf::from(v),
             "--cache" => a.cache = PathBuf::from(v),
@@ -184,6 +190,15 @@ fn parse_args() -> Result<Option<Args>> {
         .collect::<Result<_>>()?;
     a.variants.retain(|v| *v != TfVariant::Full);
     a.variants.insert(0, TfVariant::Full);
+    if let Some(m) = &a.paired {
+        if !a
+            .variants
+            .iter()
+            .any(|v| v.method().0 == *m && v.method().1.is_some())
+        {
+            bail!("--paired `{m}`: no variant of that method with a budget is in --variants");
+        }
+    }
     Ok(Some(a))
 }
 
@@ -450,6 +465,11 @@ Command: `target/debug/omnikv-divergence {}`\n\n",
         md.push('\n');
     }
 
+    where_it_diverges(a, per_len, &mut md);
+    if let Some(m) = &a.paired {
+        paired_differences(a, per_len, m, &mut md);
+    }
+
     // Plots: KL and top-1 agreement against budget, one line per method,
     // one panel per length.
     let mut budgets: Vec<f64> = a.variants.iter().filter_map(|v| v.method().1).collect();
@@ -535,4 +555,153 @@ Command: `target/debug/omnikv-divergence {}`\n\n",
     }
     std::fs::write(&a.out, md)?;
     Ok(())
+}
+
+/// Where the remaining divergence comes from, for full-exact-prefill and
+/// every OmniKV variant at budget 0.1: top-1 agreement split by full
+/// attention's margin (near-ties flip under any rounding), and the filter
+/// layers' attention mass the selection left out, by prompt position.
+fn where_it_diverges(
+    a: &Args,
+    per_len: &BTreeMap<usize, BTreeMap<String, Vec<DocSummary>>>,
+    md: &mut String,
+) {
+    let picked: Vec<&TfVariant> = a
+        .variants
+        .iter()
+        .filter(|v| {
+            **v == TfVariant::FullExactPrefill
+                || (v.method().0.starts_with("omnikv") && v.method().1 == Some(0.1))
+        })
+        .collect();
+    if picked.is_empty() {
+        return;
+    }
+    let edges: Vec<String> = {
+        let mut lo = 0.0;
+        let mut out = Vec::new();
+        for e in MARGIN_EDGES {
+            out.push(format!("{lo}-{e}"));
+            lo = e;
+        }
+        out.push(format!(">= {lo}"));
+        out
+    };
+    md.push_str(
+        "## Where top-1 disagreements lie\n\nTop-1 agreement with full attention, split by full attention's margin at the step (its top-1 minus its top-2 log-probability, nats; pooled over steps and documents; in brackets the share of steps in that bucket). Steps with a small margin are near-ties, where the fast prefill's own rounding (`full-exact-prefill`) already flips the argmax.\n\n| P | variant |",
+    );
+    for e in &edges {
+        md.push_str(&format!(" margin {e} |"));
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---|".repeat(edges.len()));
+    md.push('\n');
+    for (len, per_doc) in per_len {
+        for v in &picked {
+            let Some(docs) = per_doc.get(&v.label()) else {
+                continue;
+            };
+            let mut b = [(0usize, 0usize); MARGIN_BUCKETS];
+            for d in docs {
+                for (x, y) in b.iter_mut().zip(&d.by_margin) {
+                    x.0 += y.0;
+                    x.1 += y.1;
+                }
+            }
+            let all: usize = b.iter().map(|x| x.1).sum();
+            md.push_str(&format!("| {len} | {} |", v.label()));
+            for (agree, n) in b {
+                if n == 0 {
+                    md.push_str(" |");
+                } else {
+                    md.push_str(&format!(
+                        " {:.1}% ({:.0}%) |",
+                        100.0 * agree as f64 / n as f64,
+                        100.0 * n as f64 / all.max(1) as f64
+                    ));
+                }
+            }
+            md.push('\n');
+        }
+    }
+    md.push_str(&format!(
+        "\n## Attention mass the selection left out, by prompt position\n\nThe filter layers' softmax attention (mean over query heads, filter layers, steps and documents) on prompt positions the selection did not keep: the first {} positions, the last {}, and the rest.\n\n| P | variant | first {} | middle | last {} |\n|---|---|---|---|---|\n",
+        MissedMass::START,
+        MissedMass::END,
+        MissedMass::START,
+        MissedMass::END
+    ));
+    for (len, per_doc) in per_len {
+        for v in &picked {
+            let Some(docs) = per_doc.get(&v.label()) else {
+                continue;
+            };
+            let m: Vec<MissedMass> = docs.iter().filter_map(|d| d.missed).collect();
+            if m.is_empty() {
+                continue;
+            }
+            let m = MissedMass::mean(&m);
+            md.push_str(&format!(
+                "| {len} | {} | {:.2}% | {:.2}% | {:.2}% |\n",
+                v.label(),
+                100.0 * m.start,
+                100.0 * m.middle,
+                100.0 * m.end
+            ));
+        }
+    }
+    md.push('\n');
+}
+
+/// Per budget, every other method's per-document difference from `method`
+/// at the same budget (same documents, so the spread between documents
+/// cancels): KL and top-1 agreement, mean and 95% interval.
+fn paired_differences(
+    a: &Args,
+    per_len: &BTreeMap<usize, BTreeMap<String, Vec<DocSummary>>>,
+    method: &str,
+    md: &mut String,
+) {
+    md.push_str(&format!(
+        "## Paired differences from `{method}`\n\nFor each document, the variant's figure minus `{method}`'s at the same budget on the same document; mean over documents and 95% interval. An interval above 0 in KL (below 0 in top-1) means the variant is worse on these documents.\n\n| P | budget | variant | docs | KL difference (nats) | top-1 difference (points) |\n|---|---|---|---|---|---|\n"
+    ));
+    for (len, per_doc) in per_len {
+        for reference in a
+            .variants
+            .iter()
+            .filter(|v| v.method().0 == method && v.method().1.is_some())
+        {
+            let budget = reference.method().1;
+            let Some(base) = per_doc.get(&reference.label()) else {
+                continue;
+            };
+            for v in a
+                .variants
+                .iter()
+                .filter(|v| v.method().1 == budget && v.method().0 != method)
+            {
+                let Some(docs) = per_doc.get(&v.label()) else {
+                    continue;
+                };
+                if docs.len() != base.len() {
+                    continue;
+                }
+                let kl: Vec<f64> = docs.iter().zip(base).map(|(x, y)| x.kl - y.kl).collect();
+                let top1: Vec<f64> = docs
+                    .iter()
+                    .zip(base)
+                    .map(|(x, y)| 100.0 * (x.agree - y.agree))
+                    .collect();
+                md.push_str(&format!(
+                    "| {len} | {} | {} | {} | {} | {} |\n",
+                    budget.unwrap_or_default(),
+                    v.label(),
+                    docs.len(),
+                    pm(mean_ci(&kl), 1.0, 4),
+                    pm(mean_ci(&top1), 1.0, 1)
+                ));
+            }
+        }
+    }
+    md.push('\n');
 }
