@@ -486,6 +486,12 @@ Command: `target/debug/omnikv-divergence {}`\n\n",
             .filter(|m| a.variants.iter().filter(|v| v.method().0 == *m).count() > 1)
             .collect()
     };
+    // No method at two budgets or more: no line to draw, the tables say it.
+    let plots: &[&str] = if methods.is_empty() {
+        &[]
+    } else {
+        &["kl", "top1"]
+    };
     for (what, title, y_label, f) in [
         (
             "kl",
@@ -500,6 +506,9 @@ Command: `target/debug/omnikv-divergence {}`\n\n",
             (|d: &DocSummary| 100.0 * d.agree) as fn(&DocSummary) -> f64,
         ),
     ] {
+        if !plots.contains(&what) {
+            continue;
+        }
         let mut ymax: f64 = if what == "top1" { 100.0 } else { 0.0 };
         let mut ymin: f64 = 100.0;
         let panels: Vec<(String, Vec<Series>)> = per_len
