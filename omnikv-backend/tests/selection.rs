@@ -354,30 +354,45 @@ fn sparse_attention_matches_masked_full_attention() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        // Full attention over all n rows with -inf on the rows not attended.
-        for head in 0..h {
-            let kv = head / g;
-            let logits: Vec<f32> = (0..n)
-                .map(|j| {
-                    if rows.contains(&(j as u32)) {
-                        (0..d)
-                            .map(|x| q[head * d + x] * k[(kv * n + j) * d + x])
-                            .sum::<f32>()
-                            * scale
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-                .collect();
-            let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = logits.iter().map(|x| (x - m).exp()).sum();
-            for x in 0..d {
-                let want: f32 = (0..n)
-                    .map(|j| (logits[j] - m).exp() / z * v[(kv * n + j) * d + x])
-                    .sum();
-                let diff = (got[head * d + x] - want).abs();
-                assert!(diff < 1e-5, "head {head} dim {x}: {diff}");
-            }
+        let shape = (h, g, n, d);
+        assert_masked_attention(&got, (&q, &k, &v), shape, scale, &|_| rows.clone());
+    }
+}
+
+/// Check `got` `(h, d)` against full attention over all `n` rows with -inf
+/// on the rows head `i` does not attend (`rows_of(i)`); `q` `(h, d)`, `k`,
+/// `v` `(kv_h, n, d)`, `shape` = `(h, g, n, d)` with `g` query heads per KV
+/// head.
+fn assert_masked_attention(
+    got: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (h, g, n, d): (usize, usize, usize, usize),
+    scale: f32,
+    rows_of: &dyn Fn(usize) -> Vec<u32>,
+) {
+    for head in 0..h {
+        let kv = head / g;
+        let rows = rows_of(head);
+        let logits: Vec<f32> = (0..n)
+            .map(|j| {
+                if rows.contains(&(j as u32)) {
+                    (0..d)
+                        .map(|x| q[head * d + x] * k[(kv * n + j) * d + x])
+                        .sum::<f32>()
+                        * scale
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = logits.iter().map(|x| (x - m).exp()).sum();
+        for x in 0..d {
+            let want: f32 = (0..n)
+                .map(|j| (logits[j] - m).exp() / z * v[(kv * n + j) * d + x])
+                .sum();
+            let diff = (got[head * d + x] - want).abs();
+            assert!(diff < 1e-5, "head {head} dim {x}: {diff}");
         }
     }
 }
@@ -918,31 +933,9 @@ fn per_kv_head_sparse_attention_matches_masked_full_attention() {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-        for head in 0..h {
-            let kv = head / g;
-            let rows = attended_rows(&sets[kv], p, n);
-            let logits: Vec<f32> = (0..n)
-                .map(|j| {
-                    if rows.contains(&(j as u32)) {
-                        (0..d)
-                            .map(|x| q[head * d + x] * k[(kv * n + j) * d + x])
-                            .sum::<f32>()
-                            * scale
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-                .collect();
-            let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = logits.iter().map(|x| (x - m).exp()).sum();
-            for x in 0..d {
-                let want: f32 = (0..n)
-                    .map(|j| (logits[j] - m).exp() / z * v[(kv * n + j) * d + x])
-                    .sum();
-                let diff = (got[head * d + x] - want).abs();
-                assert!(diff < 1e-5, "head {head} dim {x}: {diff}");
-            }
-        }
+        // Head i attends its KV head's set plus the generated rows.
+        let rows_of = |head: usize| attended_rows(&sets[head / g], p, n);
+        assert_masked_attention(&got, (&q, &k, &v), (h, g, n, d), scale, &rows_of);
     }
     let q = Tensor::zeros((1, 4, 1, 8), DType::F32, &dev).unwrap();
     let k = Tensor::zeros((1, 2, 5, 8), DType::F32, &dev).unwrap();
