@@ -49,7 +49,7 @@ eval: build
 ## results/fidelity-tf.md and its plots; resumable).
 CHOSEN := do_select_layers=[4,8,17,22]+num_wait_load_layers=0
 DIVERGENCE_VARIANTS := full-exact-prefill,omnikv@0.05,omnikv@0.1,omnikv@0.2,omnikv@0.05:$(CHOSEN),omnikv@0.1:$(CHOSEN),omnikv@0.2:$(CHOSEN),h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2,omnikv@0.1:selection_per_kv_head=true,omnikv@0.1:$(CHOSEN)+selection_per_kv_head=true,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32
-DIVERGENCE_DOCS ?= 8,8,3
+DIVERGENCE_DOCS ?= 8,8,4
 DIVERGENCE_ARGS ?= --lengths 1024,4096,7680 --docs $(DIVERGENCE_DOCS) --steps 64 --exact-prefill-lengths 1024 \
   --config configs/smollm2-135m-published.json --paired "omnikv:$(CHOSEN)" --variants "$(DIVERGENCE_VARIANTS)"
 ## The selection options and filter-layer sets of issue 15 at P = 1024
