@@ -200,31 +200,37 @@ fn every_selector_serves_the_tiny_checkpoint() {
 }
 
 #[test]
-fn the_mass_based_budget_serves_the_real_model() {
-    // `selection_mass` through the real server: every request answers, the
-    // concurrent answers equal the solo ones, and nothing stays held.
+fn the_opt_in_selection_keys_serve_the_real_model() {
+    // `selection_mass` and `selection_per_kv_head` through the real server:
+    // every request answers, the concurrent answers equal the solo ones,
+    // and nothing stays held.
     let _guard = serial();
-    let mut cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("configs/smollm2-135m.json")).unwrap(),
-    )
-    .unwrap();
-    cfg["num_of_selected_tokens"] = 0.3.into();
-    cfg["selection_mass"] = 0.9.into();
-    let path = write_config("selection-mass", cfg);
-    let server = Server::start("omnikv", &["--kv-cache-config", path.to_str().unwrap()])
-        .expect("server starts");
-    let before = server.store_releases().len();
-    let prompts: Vec<String> = [8, 20]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| records_prompt(n, i))
-        .collect();
-    for a in solo_and_concurrent(&server, "selection_mass", &prompts, 12) {
-        assert!(
-            a.chars().any(char::is_alphanumeric),
-            "answer {a:?} has no words"
-        );
+    for (key, value) in [
+        ("selection_mass", serde_json::json!(0.9)),
+        ("selection_per_kv_head", serde_json::json!(true)),
+    ] {
+        let mut cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join("configs/smollm2-135m.json")).unwrap(),
+        )
+        .unwrap();
+        cfg["num_of_selected_tokens"] = 0.3.into();
+        cfg[key] = value;
+        let path = write_config(key, cfg);
+        let server = Server::start("omnikv", &["--kv-cache-config", path.to_str().unwrap()])
+            .expect("server starts");
+        let before = server.store_releases().len();
+        let prompts: Vec<String> = [8, 20]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| records_prompt(n, i))
+            .collect();
+        for a in solo_and_concurrent(&server, key, &prompts, 12) {
+            assert!(
+                a.chars().any(char::is_alphanumeric),
+                "{key}: answer {a:?} has no words"
+            );
+        }
+        check_releases(&server, key, before, 2 * prompts.len(), 0);
+        let _ = std::fs::remove_file(&path);
     }
-    check_releases(&server, "selection_mass", before, 2 * prompts.len(), 0);
-    let _ = std::fs::remove_file(&path);
 }
