@@ -39,7 +39,10 @@ test: build
 	$(CARGO) test --workspace
 
 ## Fidelity evaluation through the real server (writes results/fidelity.md).
-EVAL_ARGS ?= --variants omnikv@1.0,omnikv@0.067,omnikv@0.1,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32 \
+## `full` is full attention after the same fast prefill (each request
+## sends "kv_cache": {"enabled": false}), so the OmniKV columns differ from
+## it by the selection only.
+EVAL_ARGS ?= --variants full,omnikv@0.067,omnikv@0.1,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32 \
   --config configs/smollm2-135m.json
 eval: build
 	scripts/fetch-haystack.sh
@@ -49,7 +52,7 @@ eval: build
 ## results/fidelity-tf.md and its plots; resumable).
 CHOSEN := do_select_layers=[4,8,17,22]+num_wait_load_layers=0
 DIVERGENCE_VARIANTS := full-exact-prefill,omnikv@0.05,omnikv@0.1,omnikv@0.2,omnikv@0.05:$(CHOSEN),omnikv@0.1:$(CHOSEN),omnikv@0.2:$(CHOSEN),h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2,omnikv@0.1:selection_per_kv_head=true,omnikv@0.1:$(CHOSEN)+selection_per_kv_head=true,omnikv@0.1:keep_sink_tokens=4+keep_recent_tokens=32
-DIVERGENCE_DOCS ?= 8,8,4
+DIVERGENCE_DOCS ?= 8,8,8
 DIVERGENCE_ARGS ?= --lengths 1024,4096,7680 --docs $(DIVERGENCE_DOCS) --steps 64 --exact-prefill-lengths 1024 \
   --config configs/smollm2-135m-published.json --paired "omnikv:$(CHOSEN)" --variants "$(DIVERGENCE_VARIANTS)"
 ## The selection options and filter-layer sets of issue 15 at P = 1024
@@ -66,13 +69,15 @@ divergence: build
 ## A/B: the stock cache, OmniKV and the token-dropping baselines at three
 ## budgets on needle-in-a-haystack, two-stage retrieval (chat and
 ## chain-of-thought), two needles and the committed LongBench/InfiniteBench
-## sample files (writes results/ab.md and its plots; resumable).
-AB_ARGS ?= --variants default,omnikv@0.05,omnikv@0.1,omnikv@0.2,h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2 \
+## sample files (writes results/ab.md and its plots; resumable). `default`
+## is the stock cache with the stock prefill, `full` full attention after
+## OmniKV's prefill.
+AB_ARGS ?= --variants default,full,omnikv@0.05,omnikv@0.1,omnikv@0.2,h2o@0.05,h2o@0.1,h2o@0.2,streaming@0.05,streaming@0.1,streaming@0.2,snapkv@0.05,snapkv@0.1,snapkv@0.2 \
   --suites needle,2stage,2needle,bench --needle-lengths 1000,2000 --depths 0,25,50,75,100 \
   --two-stage-sizes 60 --two-stage-per-size 4 --prompt-modes chat,cot --two-needle-lengths 1000 \
   --bench-files crates/omnikv-eval/samples/longbench,crates/omnikv-eval/samples/infinitebench \
   --title "A/B: OmniKV vs token dropping on SmolLM2-135M-Instruct" \
-  --out results/ab.md --cache results/cache/ab.jsonl
+  --reference default,full --out results/ab.md --cache results/cache/ab.jsonl
 ab: build
 	scripts/fetch-haystack.sh
 	target/debug/omnikv-eval $(AB_ARGS)

@@ -151,3 +151,50 @@ fn bad_cli_input_fails_cleanly() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// `omnikv-eval` refuses a bad variant or `--reference` before it starts a
+/// server or runs a case, naming what it accepts.
+#[test]
+fn eval_tool_refuses_bad_variants_and_references_at_start() {
+    use integration_tests::tool_bin;
+    let cases: [(&[&str], &[&str]); 3] = [
+        (
+            &["--variants", "full,omnikv@0.1", "--reference", "nope"],
+            &[
+                "--reference `nope` is not one of the variants",
+                "\"full\", \"omnikv@0.1\"",
+            ],
+        ),
+        (
+            &["--variants", "fullx"],
+            &["variant `fullx`", "expected `default`, `full` or"],
+        ),
+        (
+            &[
+                "--variants",
+                "default,full",
+                "--reference",
+                "default,omnikv@0.1",
+            ],
+            &["--reference `omnikv@0.1` is not one of the variants"],
+        ),
+    ];
+    for (args, expect) in cases {
+        let start = std::time::Instant::now();
+        let out = std::process::Command::new(tool_bin("omnikv-eval"))
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(!text.contains("panicked"), "{args:?}: {text}");
+        for want in expect {
+            assert!(text.contains(want), "{args:?}: no {want:?} in\n{text}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{args:?} ran cases before refusing"
+        );
+    }
+}

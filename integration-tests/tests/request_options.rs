@@ -141,3 +141,64 @@ fn default_backend_refuses_request_options() {
         .unwrap();
     assert!(!text(s, &b).is_empty());
 }
+
+/// `omnikv-eval --variants full` (issue 15, item 4): the `omnikv` server
+/// with the base config, each request sending `{"enabled": false}`, in both
+/// prompt modes. Its answer is full attention's (`{"budget": 1.0}`), not the
+/// base config's one-row selection, so the tool really sends the field.
+#[test]
+fn the_eval_full_variant_decodes_densely() {
+    use omnikv_eval::eval::{Case, PromptMode, Suite, Variant};
+    let _guard = serial();
+    let fixture = stock_fixture().unwrap();
+    let long = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["prompt_tokens"].as_u64().unwrap() > 2000)
+        .unwrap();
+    let full = Variant::parse("full").unwrap();
+    let mut base: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("configs/example.json")).unwrap(),
+    )
+    .unwrap();
+    base["num_of_selected_tokens"] = json!(1);
+    let scratch = std::env::temp_dir().join(format!("omnikv-full-variant-{}", std::process::id()));
+    let server = full.start(&base, &scratch).expect("server starts");
+    let options = full.request_kv_cache();
+    assert_eq!(options, Some(json!({"enabled": false})));
+    for mode in [PromptMode::Chat, PromptMode::Plain] {
+        let case = Case {
+            id: "fixture-long".into(),
+            suite: Suite::Needle,
+            length: 2775,
+            depth: None,
+            // A raw completion continues text: end on an open sentence.
+            prompt: match mode {
+                PromptMode::Plain => format!(
+                    "{}\n\nIn short, the text above says that",
+                    long["prompt"].as_str().unwrap()
+                ),
+                _ => long["prompt"].as_str().unwrap().to_string(),
+            },
+            answer: String::new(),
+            distractors: vec![],
+            max_tokens: 12,
+            mode,
+        };
+        let ask = |kv: Option<&Value>| server.ask_with(&case, kv).unwrap().text;
+        let variant = ask(options.as_ref());
+        let dense = ask(Some(&json!({"budget": 1.0})));
+        assert!(!dense.is_empty(), "{mode:?}: an answer to compare");
+        let one_row = ask(None);
+        assert_eq!(
+            variant, dense,
+            "{mode:?}: `full` decodes with full attention"
+        );
+        assert_ne!(
+            variant, one_row,
+            "{mode:?}: one selected row changes the answer, so `full` did send its options"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -290,7 +290,7 @@ fn ranks_with_different_configurations_are_refused_at_load() {
     let _guard = serial();
     let [rc0, rc1] = ring_configs("mismatch");
     let mut children = Vec::new();
-    for (rank, (rc, budget)) in [(&rc0, 0.25), (&rc1, 0.5)].into_iter().enumerate() {
+    for (rc, budget) in [(&rc0, 0.25), (&rc1, 0.5)] {
         let config = rc.with_extension("omnikv.json");
         std::fs::write(
             &config,

@@ -333,12 +333,21 @@ pub fn budget_value(b: f64) -> Value {
     }
 }
 
-/// What runs a case: the stock cache, OmniKV with a base config, a budget
-/// and optional extra config keys, or a token-dropping baseline (`h2o`,
-/// `streaming`) with a budget and optional config keys.
+/// What runs a case: the stock cache, full attention with OmniKV's prefill,
+/// OmniKV with a base config, a budget and optional extra config keys, or a
+/// token-dropping baseline (`h2o`, `streaming`, `snapkv`) with a budget and
+/// optional config keys.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Variant {
+    /// The stock mistral.rs KV cache (`--kv-cache default`): the host's own
+    /// prefill and decode.
     Default,
+    /// Full attention after OmniKV's prefill: the `omnikv` backend with the
+    /// base config, every request sending `"kv_cache": {"enabled": false}`
+    /// (spec, "Per-request options"). Against `default` it measures the
+    /// prefill's own effect; against `omnikv@B` the selection's, with the
+    /// prefill held equal (issue 15, item 4).
+    Full,
     OmniKv {
         budget: f64,
         extra: serde_json::Map<String, Value>,
@@ -371,19 +380,24 @@ fn label_with(name: &str, budget: f64, extra: &serde_json::Map<String, Value>) -
 }
 
 impl Variant {
-    /// `default`, `omnikv@0.1`, `omnikv@0.1:key=value+key=value` (values
-    /// are JSON, bare words are strings), `h2o@0.1`, `streaming@0.1[:...]`,
-    /// `snapkv@0.1[:...]`.
+    /// `default`, `full`, `omnikv@0.1`, `omnikv@0.1:key=value+key=value`
+    /// (values are JSON, bare words are strings), `h2o@0.1`,
+    /// `streaming@0.1[:...]`, `snapkv@0.1[:...]`.
+    ///
+    /// # Errors
+    /// Any other spelling, or a budget that is not a number > 0.
     pub fn parse(spec: &str) -> Result<Self> {
-        if spec == "default" {
-            return Ok(Variant::Default);
+        match spec {
+            "default" => return Ok(Variant::Default),
+            "full" => return Ok(Variant::Full),
+            _ => {}
         }
         let Some((name, rest)) = spec
             .split_once('@')
             .filter(|(n, _)| *n == "omnikv" || BASELINES.contains(n))
         else {
             bail!(
-                "variant `{spec}`: expected `default` or `<omnikv|h2o|streaming|snapkv>@<budget>[:key=value+key=value]`"
+                "variant `{spec}`: expected `default`, `full` or `<omnikv|h2o|streaming|snapkv>@<budget>[:key=value+key=value]`"
             );
         };
         let (budget, extra_spec) = rest.split_once(':').unwrap_or((rest, ""));
@@ -415,7 +429,7 @@ impl Variant {
     pub fn backend(&self) -> &str {
         match self {
             Variant::Default => "default",
-            Variant::OmniKv { .. } => "omnikv",
+            Variant::Full | Variant::OmniKv { .. } => "omnikv",
             Variant::Evict { backend, .. } => backend,
         }
     }
@@ -423,7 +437,7 @@ impl Variant {
     /// The budget, for variants that have one.
     pub fn budget(&self) -> Option<f64> {
         match self {
-            Variant::Default => None,
+            Variant::Default | Variant::Full => None,
             Variant::OmniKv { budget, .. } | Variant::Evict { budget, .. } => Some(*budget),
         }
     }
@@ -431,6 +445,7 @@ impl Variant {
     pub fn label(&self) -> String {
         match self {
             Variant::Default => "default".into(),
+            Variant::Full => "full".into(),
             Variant::OmniKv { budget, extra } => label_with("omnikv", *budget, extra),
             Variant::Evict {
                 backend,
@@ -440,11 +455,12 @@ impl Variant {
         }
     }
 
-    /// The backend config JSON for this variant: OmniKV's on top of `base`,
-    /// a baseline's from its budget and keys.
+    /// The backend config JSON for this variant: OmniKV's on top of `base`
+    /// (`base` itself for `full`), a baseline's from its budget and keys.
     pub fn config(&self, base: &Value) -> Option<Value> {
         let (budget, extra) = match self {
             Variant::Default => return None,
+            Variant::Full => return Some(base.clone()),
             Variant::Evict { budget, extra, .. } => {
                 let mut cfg = extra.clone();
                 cfg.insert("budget".into(), budget_value(*budget));
@@ -458,6 +474,15 @@ impl Variant {
             cfg.insert(k.clone(), v.clone());
         }
         Some(Value::Object(cfg))
+    }
+
+    /// The per-request `kv_cache` options every request of this variant
+    /// sends: `{"enabled": false}` for `full`, none otherwise.
+    pub fn request_kv_cache(&self) -> Option<Value> {
+        match self {
+            Variant::Full => Some(serde_json::json!({"enabled": false})),
+            _ => None,
+        }
     }
 
     /// Start a server for this variant.

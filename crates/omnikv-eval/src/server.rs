@@ -257,24 +257,34 @@ impl Server {
 
     /// A greedy chat completion of one user message, as in the fixture.
     pub fn chat(&self, prompt: &str, max_tokens: usize) -> Result<Completion> {
-        let body = serde_json::json!({
+        self.chat_request(&Self::chat_body(prompt, max_tokens))
+    }
+
+    fn chat_body(prompt: &str, max_tokens: usize) -> Value {
+        serde_json::json!({
             "model": "default",
             "messages": [{"role": "user", "content": prompt}],
             "temperature": 0.0,
             "max_tokens": max_tokens,
-        });
-        self.chat_request(&body)
+        })
     }
 
     /// A greedy raw-text completion (`/v1/completions`, no chat template).
     pub fn complete(&self, prompt: &str, max_tokens: usize) -> Result<Completion> {
-        let body = serde_json::json!({
+        self.completion(
+            "/v1/completions",
+            &Self::completion_body(prompt, max_tokens),
+            "/text",
+        )
+    }
+
+    fn completion_body(prompt: &str, max_tokens: usize) -> Value {
+        serde_json::json!({
             "model": "default",
             "prompt": prompt,
             "temperature": 0.0,
             "max_tokens": max_tokens,
-        });
-        self.completion("/v1/completions", &body, "/text")
+        })
     }
 
     /// POST `body` to `path` and read the first choice's text (at JSON
@@ -301,10 +311,36 @@ impl Server {
 
     /// A case as its prompt mode sends it.
     pub fn ask(&self, case: &crate::eval::Case) -> Result<Completion> {
-        match case.mode {
-            crate::eval::PromptMode::Plain => self.complete(&case.prompt, case.max_tokens),
-            _ => self.chat(&case.prompt, case.max_tokens),
+        self.ask_with(case, None)
+    }
+
+    /// A case as its prompt mode sends it, with the request's `kv_cache`
+    /// options (`None`: the field is left out).
+    ///
+    /// # Errors
+    /// A failed connection, a status other than 200, or a response without
+    /// the first choice's text.
+    pub fn ask_with(
+        &self,
+        case: &crate::eval::Case,
+        kv_cache: Option<&Value>,
+    ) -> Result<Completion> {
+        let (path, mut body, text) = match case.mode {
+            crate::eval::PromptMode::Plain => (
+                "/v1/completions",
+                Self::completion_body(&case.prompt, case.max_tokens),
+                "/text",
+            ),
+            _ => (
+                "/v1/chat/completions",
+                Self::chat_body(&case.prompt, case.max_tokens),
+                "/message/content",
+            ),
+        };
+        if let Some(opts) = kv_cache {
+            body["kv_cache"] = opts.clone();
         }
+        self.completion(path, &body, text)
     }
 
     /// A chat completion with a body of the caller's choosing.

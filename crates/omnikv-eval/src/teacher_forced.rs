@@ -611,7 +611,7 @@ impl TeacherForced {
                     };
                     Plan::Dropper(Arc::new(EvictingBackend::new(config)), at)
                 }
-                TfVariant::Backend(Variant::Default) => Plan::Full,
+                TfVariant::Backend(Variant::Default | Variant::Full) => Plan::Full,
             });
         }
 

@@ -117,6 +117,21 @@ fn scoring() {
 #[test]
 fn variants_parse() {
     assert_eq!(Variant::parse("default").unwrap(), Variant::Default);
+    assert_eq!(Variant::parse("default").unwrap().request_kv_cache(), None);
+    // `full`: the omnikv backend with the base config untouched, every
+    // request decoding densely.
+    let full = Variant::parse("full").unwrap();
+    let base =
+        serde_json::json!({"do_select_layers": [4, 8, 17, 22], "num_of_selected_tokens": 0.1});
+    assert_eq!(
+        (full.label().as_str(), full.backend(), full.budget()),
+        ("full", "omnikv", None)
+    );
+    assert_eq!(full.config(&base), Some(base.clone()));
+    assert_eq!(
+        full.request_kv_cache(),
+        Some(serde_json::json!({"enabled": false}))
+    );
     let v = Variant::parse("omnikv@0.1:keep_sink_tokens=4+selector_cls=exp").unwrap();
     assert_eq!(v.label(), "omnikv@0.1:keep_sink_tokens=4+selector_cls=exp");
     let cfg = v

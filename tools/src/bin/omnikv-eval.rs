@@ -22,7 +22,7 @@ use serde_json::Value;
 
 struct Args {
     variants: Vec<Variant>,
-    reference: Option<String>,
+    references: Vec<String>,
     config: PathBuf,
     suites: Vec<String>,
     needle_lengths: Vec<usize>,
@@ -44,11 +44,15 @@ struct Args {
 }
 
 const USAGE: &str = "usage: omnikv-eval [options]
-  --variants LIST         comma-separated: default | omnikv@<budget>[:key=value+key=value]
-                          (extra OmniKV config keys, values as JSON)
+  --variants LIST         comma-separated: default | full | omnikv@<budget>[:key=value+key=value]
+                          | <h2o|streaming|snapkv>@<budget>[:key=value+...]
+                          (extra config keys, values as JSON); `full` is full
+                          attention after OmniKV's prefill (the omnikv backend,
+                          each request sending \"kv_cache\": {\"enabled\": false})
                           (default: omnikv@1.0,omnikv@0.067,omnikv@0.1; `default`,
                           the stock cache, prefills long prompts ~17x slower)
-  --reference LABEL       the variant others are compared with (default: the first)
+  --reference LIST        the variants others are compared with, one table each
+                          (default: the first variant)
   --config FILE           base OmniKV config (default: configs/smollm2-135m.json)
   --suites LIST           needle,2stage,2needle,bench (default: needle,2stage,2needle;
                           bench needs --bench-files)
@@ -86,7 +90,7 @@ fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
 fn parse_args() -> Result<Args> {
     let mut a = Args {
         variants: vec![],
-        reference: None,
+        references: Vec::new(),
         config: root().join("configs/smollm2-135m.json"),
         suites: vec!["needle".into(), "2stage".into(), "2needle".into()],
         needle_lengths: vec![1000, 3500, 7000],
@@ -120,7 +124,7 @@ fn parse_args() -> Result<Args> {
             .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
             "--variants" => variants = val,
-            "--reference" => a.reference = Some(val),
+            "--reference" => a.references = list(&val, "--reference")?,
             "--config" => a.config = PathBuf::from(val),
             "--suites" => a.suites = list(&val, "--suites")?,
             "--needle-lengths" => a.needle_lengths = list(&val, "--needle-lengths")?,
@@ -174,6 +178,22 @@ fn parse_args() -> Result<Args> {
     }
     if a.variants.is_empty() {
         bail!("--variants is empty\n{USAGE}");
+    }
+    // A reference spelled as a variant (`omnikv@1.0`) is named by its label
+    // (`omnikv@1`); checked here, before any case runs.
+    let labels: Vec<String> = a.variants.iter().map(Variant::label).collect();
+    a.references = a
+        .references
+        .iter()
+        .map(|r| Variant::parse(r).map_or_else(|_| r.clone(), |v| v.label()))
+        .collect();
+    if a.references.is_empty() {
+        a.references.push(labels[0].clone());
+    }
+    for reference in &a.references {
+        if !labels.contains(reference) {
+            bail!("--reference `{reference}` is not one of the variants {labels:?}");
+        }
     }
     for s in &a.suites {
         if !["needle", "2stage", "2needle", "bench"].contains(&s.as_str()) {
@@ -254,10 +274,15 @@ fn main() -> Result<()> {
     let mut results: BTreeMap<String, BTreeMap<String, Outcome>> = BTreeMap::new();
     for variant in &args.variants {
         let label = variant.label();
+        let request_kv_cache = variant.request_kv_cache();
         let cfg_text = variant
             .config(&base)
             .map(|c| c.to_string())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + &request_kv_cache
+                .as_ref()
+                .map(|o| format!(" request {o}"))
+                .unwrap_or_default();
         let key_of = |c: &Case| fnv1a(&[&c.prompt, &cfg_text, &c.max_tokens.to_string()]);
         let todo: Vec<&Case> = cases
             .iter()
@@ -293,7 +318,7 @@ fn main() -> Result<()> {
                 bar.set_message(c.id.clone());
                 let t = Instant::now();
                 let got = server
-                    .ask(c)
+                    .ask_with(c, request_kv_cache.as_ref())
                     .with_context(|| format!("{label} on {}:\n{}", c.id, server.log_tail()))?;
                 let metric = samples.get(&c.id).map(|s| {
                     omnikv_eval::bench_format::score_sample(s, answer_part(c.mode, &got.text))
@@ -328,10 +353,7 @@ fn main() -> Result<()> {
     }
 
     let labels: Vec<String> = args.variants.iter().map(Variant::label).collect();
-    let reference = args.reference.clone().unwrap_or_else(|| labels[0].clone());
-    if !labels.contains(&reference) {
-        bail!("--reference `{reference}` is not one of the variants {labels:?}");
-    }
+    let references = &args.references;
     // Quote arguments with spaces so the printed command can be pasted.
     let cmd: Vec<String> = std::env::args()
         .skip(1)
@@ -347,7 +369,7 @@ fn main() -> Result<()> {
         &args.title,
         &cases,
         &labels,
-        &reference,
+        references,
         &results,
         &format!("target/debug/omnikv-eval {}", cmd.join(" ")),
         &args.config,
@@ -374,7 +396,7 @@ fn render_report(
     title: &str,
     cases: &[Case],
     labels: &[String],
-    reference: &str,
+    references: &[String],
     results: &BTreeMap<String, BTreeMap<String, Outcome>>,
     command: &str,
     config: &std::path::Path,
@@ -412,7 +434,7 @@ fn render_report(
     for ((suite, len, mode), cs) in &buckets {
         let toks: Vec<usize> = cs
             .iter()
-            .filter_map(|c| get(reference, &c.id).map(|o| o.prompt_tokens))
+            .filter_map(|c| get(&references[0], &c.id).map(|o| o.prompt_tokens))
             .collect();
         let mean = if toks.is_empty() {
             0
@@ -458,33 +480,35 @@ fn render_report(
         md.push_str(&format!(" **{}** |", pct(*k, *n)));
     }
     md.push('\n');
-    let ri = labels.iter().position(|l| l == reference).unwrap_or(0);
-    md.push_str(&format!("\n## Against `{reference}`\n\n| variant | accuracy relative to {reference} | identical outputs | mean prompt time (s) | mean request time (s) |\n|---|---|---|---|---|\n"));
-    for (i, l) in labels.iter().enumerate() {
-        let rel = if totals[ri].0 == 0 {
-            "-".into()
-        } else {
-            format!("{:.1}%", 100.0 * totals[i].0 as f64 / totals[ri].0 as f64)
-        };
-        let (mut same, mut both, mut pt, mut tt, mut n) = (0, 0, 0.0, 0.0, 0);
-        for c in cases {
-            if let Some(o) = get(l, &c.id) {
-                pt += o.prompt_time_sec;
-                tt += o.total_time_sec;
-                n += 1;
-                if let Some(r) = get(reference, &c.id) {
-                    both += 1;
-                    same += (r.output == o.output) as usize;
+    for reference in references {
+        let ri = labels.iter().position(|l| l == reference).unwrap_or(0);
+        md.push_str(&format!("\n## Against `{reference}`\n\n| variant | accuracy relative to {reference} | identical outputs | mean prompt time (s) | mean request time (s) |\n|---|---|---|---|---|\n"));
+        for (i, l) in labels.iter().enumerate() {
+            let rel = if totals[ri].0 == 0 {
+                "-".into()
+            } else {
+                format!("{:.1}%", 100.0 * totals[i].0 as f64 / totals[ri].0 as f64)
+            };
+            let (mut same, mut both, mut pt, mut tt, mut n) = (0, 0, 0.0, 0.0, 0);
+            for c in cases {
+                if let Some(o) = get(l, &c.id) {
+                    pt += o.prompt_time_sec;
+                    tt += o.total_time_sec;
+                    n += 1;
+                    if let Some(r) = get(reference, &c.id) {
+                        both += 1;
+                        same += (r.output == o.output) as usize;
+                    }
                 }
             }
+            let n = n.max(1) as f64;
+            md.push_str(&format!(
+                "| {l} | {rel} | {} | {:.1} | {:.1} |\n",
+                pct(same, both),
+                pt / n,
+                tt / n
+            ));
         }
-        let n = n.max(1) as f64;
-        md.push_str(&format!(
-            "| {l} | {rel} | {} | {:.1} | {:.1} |\n",
-            pct(same, both),
-            pt / n,
-            tt / n
-        ));
     }
     md.push_str("\n## Every case\n\n`+` correct, `-` wrong, blank not run.\n\n| case | tokens |");
     for l in labels {
@@ -582,7 +606,7 @@ fn render_plots_and_speed(
             ));
         }
         let svg = line_chart(
-            "Accuracy vs KV budget (dashed: the stock cache, full attention)",
+            "Accuracy vs KV budget (dashed: full attention; default = stock cache, full = OmniKV prefill)",
             &panels,
             "budget (fraction of the prompt)",
             &budgets,
