@@ -359,6 +359,28 @@ pub enum Variant {
     },
 }
 
+/// Split a `--variants` (or `--reference`) list on the commas outside
+/// brackets, so a variant may carry a list value
+/// (`omnikv@0.1:do_select_layers=[2,8,18],h2o@0.1` is two variants); empty
+/// items are dropped.
+pub fn split_variant_list(s: &str) -> Vec<String> {
+    let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0i32);
+    for c in s.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    out.push(cur);
+    out.into_iter().filter(|s| !s.trim().is_empty()).collect()
+}
+
 /// The token-dropping baselines a variant can name.
 pub const BASELINES: [&str; 3] = ["h2o", "streaming", "snapkv"];
 

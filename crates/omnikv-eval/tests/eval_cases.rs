@@ -279,3 +279,23 @@ fn benchmark_files_become_cases() {
     let missing = bench_cases(&[samples.join("nope.jsonl")], None, &tok, 100).unwrap_err();
     assert!(missing.to_string().contains("does not exist"), "{missing}");
 }
+
+#[test]
+fn variant_lists_split_outside_brackets() {
+    use omnikv_eval::eval::split_variant_list;
+    assert_eq!(
+        split_variant_list(
+            "full,omnikv@0.1:do_select_layers=[2,8,18]+num_wait_load_layers=1,,h2o@0.1"
+        ),
+        [
+            "full",
+            "omnikv@0.1:do_select_layers=[2,8,18]+num_wait_load_layers=1",
+            "h2o@0.1"
+        ]
+    );
+    let v = Variant::parse(&split_variant_list("omnikv@0.1:do_select_layers=[2,8,18]")[0]).unwrap();
+    assert_eq!(
+        v.config(&serde_json::json!({})).unwrap()["do_select_layers"],
+        serde_json::json!([2, 8, 18])
+    );
+}

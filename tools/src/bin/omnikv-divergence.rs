@@ -71,25 +71,6 @@ struct Args {
     cache: PathBuf,
 }
 
-/// Split on commas outside brackets.
-fn split_top(s: &str) -> Vec<String> {
-    let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0i32);
-    for c in s.chars() {
-        match c {
-            '[' => depth += 1,
-            ']' => depth -= 1,
-            ',' if depth == 0 => {
-                out.push(std::mem::take(&mut cur));
-                continue;
-            }
-            _ => {}
-        }
-        cur.push(c);
-    }
-    out.push(cur);
-    out.into_iter().filter(|s| !s.trim().is_empty()).collect()
-}
-
 /// A comma-separated list of whole numbers, each at least `min`.
 fn whole_numbers(flag: &str, v: &str, min: usize) -> Result<Vec<usize>> {
     v.split(',')
@@ -184,7 +165,7 @@ fn parse_args() -> Result<Option<Args>> {
             a.lengths.len()
         );
     }
-    a.variants = split_top(&variants)
+    a.variants = omnikv_eval::eval::split_variant_list(&variants)
         .iter()
         .map(|s| TfVariant::parse(s.trim()))
         .collect::<Result<_>>()?;

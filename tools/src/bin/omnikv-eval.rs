@@ -124,7 +124,7 @@ fn parse_args() -> Result<Args> {
             .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
             "--variants" => variants = val,
-            "--reference" => a.references = list(&val, "--reference")?,
+            "--reference" => a.references = omnikv_eval::eval::split_variant_list(&val),
             "--config" => a.config = PathBuf::from(val),
             "--suites" => a.suites = list(&val, "--suites")?,
             "--needle-lengths" => a.needle_lengths = list(&val, "--needle-lengths")?,
@@ -166,10 +166,9 @@ fn parse_args() -> Result<Args> {
             _ => bail!("unknown option `{flag}`\n{USAGE}"),
         }
     }
-    a.variants = variants
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(Variant::parse)
+    a.variants = omnikv_eval::eval::split_variant_list(&variants)
+        .iter()
+        .map(|v| Variant::parse(v))
         .collect::<Result<_>>()?;
     for label in a.targets.keys() {
         if !a.variants.iter().any(|v| v.label() == *label) {
