@@ -38,18 +38,25 @@ fn text(status: u16, body: &str) -> String {
         .to_string()
 }
 
+/// The stock fixture's 2,775-token prompt.
+fn long_fixture_prompt(fixture: &Value) -> String {
+    fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["prompt_tokens"].as_u64().unwrap() > 2000)
+        .unwrap()["prompt"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn omnikv_request_options() {
     let _guard = serial();
     let fixture = stock_fixture().unwrap();
     let max_tokens = fixture["request"]["max_tokens"].as_u64().unwrap() as usize;
-    let long = fixture["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["prompt_tokens"].as_u64().unwrap() > 2000)
-        .unwrap();
-    let prompt = long["prompt"].as_str().unwrap();
+    let prompt = &long_fixture_prompt(&fixture);
     let config = root().join("configs/example.json");
     let server = Server::start(
         "omnikv",
@@ -150,13 +157,7 @@ fn default_backend_refuses_request_options() {
 fn the_eval_full_variant_decodes_densely() {
     use omnikv_eval::eval::{Case, PromptMode, Suite, Variant};
     let _guard = serial();
-    let fixture = stock_fixture().unwrap();
-    let long = fixture["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["prompt_tokens"].as_u64().unwrap() > 2000)
-        .unwrap();
+    let prompt = long_fixture_prompt(&stock_fixture().unwrap());
     let full = Variant::parse("full").unwrap();
     let mut base: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("configs/example.json")).unwrap(),
@@ -175,11 +176,8 @@ fn the_eval_full_variant_decodes_densely() {
             depth: None,
             // A raw completion continues text: end on an open sentence.
             prompt: match mode {
-                PromptMode::Plain => format!(
-                    "{}\n\nIn short, the text above says that",
-                    long["prompt"].as_str().unwrap()
-                ),
-                _ => long["prompt"].as_str().unwrap().to_string(),
+                PromptMode::Plain => format!("{prompt}\n\nIn short, the text above says that"),
+                _ => prompt.clone(),
             },
             answer: String::new(),
             distractors: vec![],
