@@ -325,22 +325,20 @@ impl Server {
         case: &crate::eval::Case,
         kv_cache: Option<&Value>,
     ) -> Result<Completion> {
-        let (path, mut body, text) = match case.mode {
-            crate::eval::PromptMode::Plain => (
-                "/v1/completions",
-                Self::completion_body(&case.prompt, case.max_tokens),
-                "/text",
-            ),
-            _ => (
-                "/v1/chat/completions",
-                Self::chat_body(&case.prompt, case.max_tokens),
-                "/message/content",
-            ),
+        let plain = case.mode == crate::eval::PromptMode::Plain;
+        let mut body = if plain {
+            Self::completion_body(&case.prompt, case.max_tokens)
+        } else {
+            Self::chat_body(&case.prompt, case.max_tokens)
         };
         if let Some(opts) = kv_cache {
             body["kv_cache"] = opts.clone();
         }
-        self.completion(path, &body, text)
+        if plain {
+            self.completion("/v1/completions", &body, "/text")
+        } else {
+            self.chat_request(&body)
+        }
     }
 
     /// A chat completion with a body of the caller's choosing.
